@@ -1,0 +1,100 @@
+"""Atomic file output: a stage that dies mid-write never leaves a file that looks complete.
+
+Every writer builds its output next to the destination (same filesystem) and renames it into
+place with ``os.replace``, which is atomic on POSIX. Errors such as a full disk or an unwritable
+directory surface as :class:`OutputError` naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class OutputError(OSError):
+    """An output could not be written (full disk, permissions, ...)."""
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it onto ``dest`` if the block succeeds."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or ".tmp", dir=dest.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(dest: str | Path, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(dest)
+
+
+def write_text(dest: str | Path, text: str) -> Path:
+    return write_bytes(dest, text.encode("utf-8"))
+
+
+def write_json(dest: str | Path, obj: Any) -> Path:
+    return write_text(dest, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_yaml(dest: str | Path, obj: Any) -> Path:
+    return write_text(dest, yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_csv(dest: str | Path, frame: Any) -> Path:
+    """Write a pandas DataFrame as CSV atomically."""
+    with atomic_path(dest, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(dest)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dest``; on success it replaces ``dest`` whole."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,26 @@
+"""Shared fixtures: paths to the real LGG copy (skipped when absent) and small generated data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_LGG = REPO.parent / "shared" / "lgg"
+
+
+def shared_lgg_available() -> bool:
+    return (SHARED_LGG / "restore.py").is_file() and (SHARED_LGG / "kaggle_3m").is_dir()
+
+
+@pytest.fixture(scope="session")
+def real_kaggle_dir(tmp_path_factory) -> Path:
+    """A real 5-case subset restored from ../shared/lgg in the exact Kaggle layout (skips when absent)."""
+    if not shared_lgg_available():
+        pytest.skip("../shared/lgg (real LGG copy) is not available")
+    dest = tmp_path_factory.mktemp("real5")
+    subprocess.run([sys.executable, str(SHARED_LGG / "restore.py"), str(dest), "--cases", "5"], check=True, capture_output=True)
+    return dest / "kaggle_3m"
