@@ -46,11 +46,10 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def write_bytes(dest: str | Path, data: bytes) -> Path:
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     return Path(dest)
 
 

@@ -1,0 +1,37 @@
+# The README's commands. `make demo` and `make test` install everything they need first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint repro guard clean-demo
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m lggseg.workspace --dest demo --overrides params.demo.yaml
+
+test: install
+	$(BIN)/ruff check src stages tests
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src stages tests
+
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+guard:
+	$(BIN)/python -m pytest tests/test_repo_hygiene.py
+
+clean-demo:
+	rm -rf demo
