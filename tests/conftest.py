@@ -24,3 +24,11 @@ def real_kaggle_dir(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("real5")
     subprocess.run([sys.executable, str(SHARED_LGG / "restore.py"), str(dest), "--cases", "5"], check=True, capture_output=True)
     return dest / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def demo_kaggle_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset (``lggseg.demo``: 6 cases, seed 0) in the Kaggle layout; read-only."""
+    from lggseg.demo import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo6"), n_cases=6, seed=0)

@@ -48,6 +48,7 @@ def test_demo_overrides_validate():
         ("loss", {"terms": ["bce", "focal"]}, "unknown term"),
         ("loss", {"terms": ["bce"], "alpha": 0.0}, "constant"),
         ("loss", {"threshold_rounding": "round"}, "floor or ceil"),
+        ("loss", {"terms": ["bce", "outlier"], "i": 7, "j": 9}, "must exceed the eq. 8 threshold"),
         ("manifest", {"split_fractions": [0.7, 0.2, 0.2]}, "sum to 1"),
         ("manifest", {"split_fractions": [0.8, 0.2]}, "3 positive"),
         ("manifest", {"split_unit": "case"}, "patient or slice"),

@@ -185,6 +185,14 @@ class LossConfig:
         _require(self.counts in ("soft", "hard"), "loss.counts must be soft or hard")
         _require(self.outlier_mode in ("paper", "isolated_bce"), "loss.outlier_mode must be paper or isolated_bce")
         _require(self.reduction in ("mean", "sum"), "loss.reduction must be mean or sum")
+        if "outlier" in self.terms and self.outlier_mode == "paper":
+            # Otherwise every white pixel, even deep inside a large object, passes the mask of eq. 9.
+            ring = self.j * self.j - self.i * self.i
+            _require(
+                ring > self.threshold,
+                f"loss: the outlier ring j^2 - i^2 = {ring} (i={self.i}, j={self.j}) must exceed the eq. 8 "
+                f"threshold {self.threshold}; choose a larger j",
+            )
         for name in ("gamma_warmup_epochs", "gamma_ramp_epochs"):
             v = getattr(self, name)
             _require(_is_int(v) and v >= 0, f"loss.{name} must be a non-negative integer, got {v!r}")

@@ -19,6 +19,12 @@ from typing import Any
 import yaml
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputError(OSError):
     """An output could not be written (full disk, permissions, ...)."""
 
@@ -31,6 +37,7 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or ".tmp", dir=dest.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
     except OSError as exc:
         raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     tmp_path = Path(tmp)
@@ -79,6 +86,7 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     except OSError as exc:
         raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     try:
@@ -88,7 +96,12 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old is not None:  # put the previous output back rather than lose it
+                os.replace(old, dest)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

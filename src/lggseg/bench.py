@@ -1,0 +1,1049 @@
+"""Benchmark of the hot paths of training and inference (issue #6; the model of paper sections 3.1-3.4).
+
+One call of :func:`run_benchmark` measures, on whatever device it is given, and merges into
+``metrics/bench.json`` under a per-device key (``cpu-amd-epyc``, ``cuda-nvidia-h100-80gb-hbm3``, ...)
+so that CPU and CUDA results live side by side:
+
+1. **Training throughput** (images/s) of the configured network (DeepLabv3+ ``regnetz_040`` with the
+   attribute encoder, at ``common.image_size``) with the full eq. 13 loss, for a small set of step
+   set-ups on one fixed batch: the plain baseline (fp32, contiguous, no compile, torch's default
+   threads), the set-up :mod:`lggseg.train` uses on this device ("ours"), and the candidates that
+   could make it faster (channels_last, bf16 autocast, both, and ``torch.compile`` on CUDA; bf16
+   only where the CPU supports bf16). Each reports its speed-up over the baseline; the best one
+   is named so that a real win can be adopted by the training code. Then "ours" and the best are
+   timed again **fed by the real DataLoader**, whose workers share the cores with the step: on a
+   small CPU box that contention, not arithmetic, can decide the speed, so the CPU also tries fewer
+   torch threads and ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads that sleep instead of spinning
+   while they wait; tried in a subprocess because OpenMP reads it at start-up).
+2. **Loss cost**: forward + backward time of each term of eq. 13 (BCE, Dice, outlier in both modes,
+   and the whole compound loss) on logits of the training batch's shape, as a share of "our"
+   training step; and the outlier terms at ``j`` = 21, 41, 81, which must stay flat (their box
+   counts are O(1) per pixel whatever the window).
+3. **Data pipeline**: images/s that the training DataLoader (memmap read, resize, augmentation,
+   ``train.num_workers`` workers) delivers, divided by the images/s that "our" training step
+   consumes; it must stay above :data:`DATA_RATIO_TARGET` or the GPU waits for the CPU.
+4. **Inference**: slices/s of the inference function of ``lggseg predict``, with and without TTA.
+5. **Demo wall time**: the time of the whole demo ``dvc repro``, taken as an input (it is far too
+   long to run here) and recorded with its source.
+
+Plus the model's size and forward FLOPs per image (``torch.utils.flop_counter``), the measured
+matmul rate of the device (fp32 and bf16) and the share of it that training achieves.
+
+Timing: every figure is the median of ``reps`` repetitions after ``warmup`` untimed ones (the first
+call, which pays for cudnn autotuning or compilation, is reported apart); on CUDA each repetition
+is bracketed by CUDA events read after one synchronisation, so asynchronous launches are neither
+missed nor double-counted. The loader-fed loop is timed as wall time of ``reps`` steps between two
+synchronisations. Timings are noisy on a shared machine; ``all_s`` keeps every repetition so the
+spread can be judged. The input of the isolated step is one augmented batch of the store, the
+weights are random (speed does not depend on them), and every set-up starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from lggseg.config import (
+    CommonConfig,
+    ConfigError,
+    LossConfig,
+    ManifestConfig,
+    ModelConfig,
+    TrainConfig,
+    deep_merge,
+    from_dict,
+    load_section,
+    read_params,
+)
+from lggseg.errors import USER_ERRORS, DataError
+from lggseg.io import write_json
+
+DATA_RATIO_TARGET = 1.5
+"""The DataLoader must deliver at least this many times the images the training step consumes."""
+
+FLAT_RATIO_LIMIT = 2.0
+"""Outlier-loss time at the largest ``j`` over the smallest must stay below this. O(1)-per-pixel box
+counts grow only with their zero padding, (256 + 81) / (256 + 21) = 1.2x from j = 21 to 81 at
+256 x 256; an O(j) running window would give ~3.9x and a direct O(j^2) window ~15x."""
+
+DEMO_TIME_FILE = Path("demo/metrics/demo_time.json")
+"""Where ``make demo`` records its ``dvc repro`` wall time (``{"seconds": ...}``), if it does."""
+
+ALL_TERMS = ("bce", "dice", "outlier")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """How much work the benchmark does on one kind of device."""
+
+    batch_size: int  # 0: train.batch_size
+    warmup: int
+    reps: int
+    loss_reps: int
+    data_batches: int
+    infer_batches: int
+    matmul_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "warmup"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"bench.<device>.{name} must be a non-negative integer, got {v!r}")
+        for name in ("reps", "loss_reps", "data_batches", "infer_batches", "matmul_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"bench.<device>.{name} must be a positive integer, got {v!r}")
+        if self.batch_size == 1:
+            # BatchNorm after ASPP's global pooling sees one value per channel: training fails.
+            raise ConfigError("bench.<device>.batch_size must be 0 (train.batch_size) or at least 2")
+
+
+_CPU_PROFILE = DeviceProfile(
+    batch_size=4, warmup=1, reps=3, loss_reps=5, data_batches=12, infer_batches=3, matmul_size=1024
+)
+_CUDA_PROFILE = DeviceProfile(
+    batch_size=0, warmup=5, reps=20, loss_reps=20, data_batches=40, infer_batches=10, matmul_size=8192
+)
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """The optional ``bench`` section of ``params.yaml`` (every key has a default)."""
+
+    cpu: DeviceProfile = field(default_factory=lambda: _CPU_PROFILE)
+    cuda: DeviceProfile = field(default_factory=lambda: _CUDA_PROFILE)
+    outlier_js: tuple[int, ...] = (21, 41, 81)
+    candidates: bool = True  # also time the candidate set-ups (False: only the baseline and ours)
+    compile: bool = True  # also time torch.compile on CUDA (never on CPU: compile time dwarfs the run)
+    synthetic_cases: int = 3  # size of the generated store when no manifest store is given
+
+    def __post_init__(self) -> None:
+        if len(self.outlier_js) < 1 or any(isinstance(j, bool) or not isinstance(j, int) or j < 3 or j % 2 == 0
+                                           for j in self.outlier_js):
+            raise ConfigError(f"bench.outlier_js must be odd integers >= 3, got {self.outlier_js!r}")
+        if isinstance(self.synthetic_cases, bool) or not isinstance(self.synthetic_cases, int) or self.synthetic_cases < 3:
+            raise ConfigError("bench.synthetic_cases must be an integer >= 3 (one case per split)")
+
+    def profile(self, device: torch.device) -> DeviceProfile:
+        return self.cuda if device.type == "cuda" else self.cpu
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one benchmark run needs: the params sections it measures plus its inputs."""
+
+    common: CommonConfig = field(default_factory=CommonConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(terms=ALL_TERMS))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchParams = field(default_factory=BenchParams)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    data_dir: Path | None = None  # a manifest store; None: generate a small synthetic one
+    demo_seconds: float | None = None
+    demo_time_file: Path | None = DEMO_TIME_FILE
+
+
+def load_bench_params(params: Mapping[str, Any]) -> BenchParams:
+    """``params["bench"]`` merged over the defaults (a partial ``cpu:`` block keeps the other CPU values)."""
+    section = params.get("bench") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"bench must be a mapping, got {type(section).__name__}")
+    merged = deep_merge(dataclasses.asdict(BenchParams()), section)
+    return from_dict(BenchParams, merged, "bench")
+
+
+def bench_config(
+    params: Mapping[str, Any] | str | Path,
+    data_dir: str | Path | None = None,
+    demo_seconds: float | None = None,
+    demo_time_file: str | Path | None = DEMO_TIME_FILE,
+) -> BenchConfig:
+    """The :class:`BenchConfig` of a params file or dict.
+
+    The network is built with random weights (speed does not depend on them, and no download is
+    needed) and trained with every term of eq. 13, the loss of the paper's full model.
+    """
+    if not isinstance(params, Mapping):
+        params = read_params(params)
+    model = replace(load_section("model", params), pretrained=False, weights_file=None)
+    loss = replace(load_section("loss", params), terms=ALL_TERMS)
+    if demo_seconds is not None and (not math.isfinite(demo_seconds) or demo_seconds <= 0):
+        raise ConfigError(f"--demo-seconds must be a positive number, got {demo_seconds!r}")
+    return BenchConfig(
+        common=load_section("common", params),
+        model=model,
+        loss=loss,
+        train=load_section("train", params),
+        bench=load_bench_params(params),
+        manifest=load_section("manifest", params),
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        demo_seconds=demo_seconds,
+        demo_time_file=Path(demo_time_file) if demo_time_file is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------- device facts
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    return set(m.group(1).split()) if m else set()
+
+
+def cpu_name() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if m:
+            return " ".join(m.group(1).split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cpu_bf16() -> dict[str, bool]:
+    """Whether oneDNN runs bf16 on this CPU, and whether natively (AVX512-BF16 / AMX) or emulated."""
+    flags = _cpu_flags()
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    try:
+        supported = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        supported = native
+    return {"supported": supported or native, "native": native}
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """Name, software versions and thread settings: the conditions every figure is measured under."""
+    info: dict[str, Any] = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            bf16=bool(torch.cuda.is_bf16_supported()),
+            tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+            tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
+        )
+    else:
+        info.update(name=info["cpu"], capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_bf16())
+    return info
+
+
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none): how busy the machine was while timing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_load(start: float | None, end: float | None) -> dict[str, Any]:
+    """Load averages around the run; ``busy`` when other work held more than half of the CPUs,
+    a state in which the timings say more about the neighbours than about this code."""
+    cpus = os.cpu_count() or 1
+    # The benchmark itself raises the load by about its thread count by the end; judge the start.
+    busy = start is not None and start > 0.5 * cpus
+    return {"start": start, "end": end, "cpu_count": cpus, "busy": busy}
+
+
+def device_key(info: Mapping[str, Any]) -> str:
+    """``<type>-<name slug>``: the key of this device's block in bench.json."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(info["name"]).lower()).strip("-") or "unknown"
+    return f"{info['type']}-{slug}"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1000.0 for start, end in events]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _timed_once(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _r(x: float, nd: int = 4) -> float:
+    return float(f"{x:.{nd}g}")
+
+
+def _stats(times: list[float]) -> dict[str, Any]:
+    return {"median_s": _r(statistics.median(times)), "min_s": _r(min(times)), "all_s": [_r(t) for t in times]}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 2, reps: int = 5) -> float:
+    """Measured TFLOP/s of an ``n x n`` by ``n x n`` matmul: the device's practical peak for ``dtype``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    times = time_calls(lambda: torch.mm(a, b), device, warmup, reps)
+    return 2.0 * n**3 / statistics.median(times) / 1e12
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """One way of running the training step; everything that changes its speed, nothing else."""
+
+    name: str
+    bf16: bool = False  # autocast of the forward pass (the loss is float32 in every case)
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms (what train does on CPU)
+    threads: int = 0  # torch.set_num_threads; 0 keeps the default
+
+    def knobs(self) -> tuple:
+        return dataclasses.astuple(self)[1:]
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+def our_setup(train: TrainConfig, device: torch.device) -> StepSetup:
+    """The set-up :func:`lggseg.train.train_variant` uses on ``device`` (keep the two in step)."""
+    if device.type == "cuda":
+        return StepSetup("ours", bf16=train.amp, channels_last=train.channels_last, compile=train.compile,
+                         cudnn_benchmark=True)
+    return StepSetup("ours", deterministic=True, threads=train.cpu_threads)
+
+
+def candidate_setups(train: TrainConfig, device: torch.device, bench: BenchParams) -> list[StepSetup]:
+    """Baseline, ours and the candidates worth trying on ``device``; duplicates dropped (first name wins)."""
+    cuda = device.type == "cuda"
+    bf16_ok = bool(torch.cuda.is_bf16_supported()) if cuda else cpu_bf16()["supported"]
+    setups = [StepSetup("baseline"), our_setup(train, device)]
+    if not bench.candidates:
+        return _unique(setups)
+    setups.append(StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda))
+    if bf16_ok:
+        setups += [
+            StepSetup("bf16", bf16=True, cudnn_benchmark=cuda),
+            StepSetup("bf16_channels_last", bf16=True, channels_last=True, cudnn_benchmark=cuda),
+        ]
+    if cuda and bench.compile:
+        setups.append(StepSetup("bf16_channels_last_compile", bf16=bf16_ok, channels_last=True, compile=True,
+                                cudnn_benchmark=True))
+    return _unique(setups)
+
+
+def _unique(setups: list[StepSetup]) -> list[StepSetup]:
+    unique: dict[tuple, StepSetup] = {}
+    for s in setups:
+        unique.setdefault(s.knobs(), s)
+    return list(unique.values())
+
+
+@contextlib.contextmanager
+def applied(setup: StepSetup, device: torch.device) -> Iterator[None]:
+    """Set the process-wide switches of ``setup`` and restore them afterwards."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    bench_flag = torch.backends.cudnn.benchmark
+    try:
+        if setup.threads > 0:
+            torch.set_num_threads(setup.threads)
+        torch.use_deterministic_algorithms(setup.deterministic, warn_only=True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = setup.cudnn_benchmark
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=det_warn)
+        torch.backends.cudnn.benchmark = bench_flag
+
+
+def training_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+    x: Tensor,
+    y: Tensor,
+    a: Tensor | None,
+    epoch: int,
+    bf16: bool,
+) -> Tensor:
+    """One optimisation step exactly as the loop of :func:`lggseg.train.train_variant` runs it."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x, a)
+    total, _ = loss_fn(logits.float(), y, epoch=epoch)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return total
+
+
+@dataclass
+class Batch:
+    image: Tensor
+    mask: Tensor
+    attributes: Tensor | None
+
+
+def forward_flops(model: nn.Module, batch: Batch) -> float:
+    """Forward FLOPs per image (multiply-add = 2), counted on two images in eval mode."""
+    x = batch.image[:2]
+    a = None if batch.attributes is None else batch.attributes[:2]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, a)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def _prepare(model: nn.Module, init: Mapping[str, Tensor], setup: StepSetup, lr: float,
+             device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, torch.memory_format]:
+    """Reset ``model`` to ``init`` in the memory format of ``setup``; a fresh Adam; compiled if asked."""
+    fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
+    model.load_state_dict(init)
+    model.to(memory_format=fmt).train()
+    net: nn.Module = torch.compile(model) if setup.compile else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return net, torch.optim.Adam(model.parameters(), lr=lr), fmt
+
+
+def full_gamma_epoch(cfg: LossConfig) -> int:
+    """An epoch after the outlier weight's warm-up and ramp: the step of most of training."""
+    return cfg.gamma_warmup_epochs + cfg.gamma_ramp_epochs
+
+
+def bench_training(
+    model: nn.Module,
+    loss_cfg: LossConfig,
+    batch: Batch,
+    setups: list[StepSetup],
+    device: torch.device,
+    profile: DeviceProfile,
+    lr: float,
+    progress: tqdm | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time the training step of ``model`` under every set-up on the same batch and starting weights."""
+    from lggseg.losses import CompoundLoss
+
+    loss_fn = CompoundLoss(loss_cfg)
+    epoch = full_gamma_epoch(loss_cfg)
+    init = copy.deepcopy(model.state_dict())
+    results: dict[str, dict[str, Any]] = {}
+    for setup in setups:
+        if progress is not None:
+            progress.set_postfix_str(f"train step: {setup.name}")
+        net, optimizer, fmt = _prepare(model, init, setup, lr, device)
+        x = batch.image.contiguous(memory_format=fmt)
+        step = functools.partial(training_step, net, optimizer, loss_fn, x, batch.mask, batch.attributes, epoch, setup.bf16)
+        with applied(setup, device):
+            first = _timed_once(step, device)  # includes cudnn autotuning / compilation
+            times = time_calls(step, device, max(profile.warmup - 1, 0), profile.reps)
+            threads = torch.get_num_threads()
+        med = statistics.median(times)
+        entry = {
+            "setup": setup.describe(),
+            "threads": threads,
+            "images_per_s": _r(batch.image.shape[0] / med),
+            "step": _stats(times),
+            "first_step_s": _r(first),
+        }
+        if device.type == "cuda":
+            entry["peak_memory_gib"] = _r(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        results[setup.name] = entry
+        if progress is not None:
+            progress.update()
+    model.to(memory_format=torch.contiguous_format)
+    model.load_state_dict(init)
+    return results
+
+
+# --------------------------------------------------------------------------- loss cost
+
+
+def outlier_loss_fn(cfg: LossConfig, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The outlier term of ``mode`` (``paper`` or ``isolated_bce``) with the windows of ``cfg``."""
+    from lggseg.losses import isolated_bce_loss, outlier_loss
+
+    if mode == "paper":
+        return lambda lg, t: outlier_loss(lg, t, cfg)
+    return lambda lg, t: isolated_bce_loss(lg, t, cfg)
+
+
+def _loss_fns(cfg: LossConfig) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    from lggseg.losses import CompoundLoss, bce_loss, dice_loss
+
+    compound = CompoundLoss(cfg)
+    epoch = full_gamma_epoch(cfg)
+    return {
+        "bce": bce_loss,
+        "dice": lambda lg, t: dice_loss(lg, t, smooth=cfg.smooth),
+        "outlier_paper": outlier_loss_fn(cfg, "paper"),
+        "outlier_isolated_bce": outlier_loss_fn(cfg, "isolated_bce"),
+        "compound": lambda lg, t: compound(lg, t, epoch=epoch)[0],
+    }
+
+
+def _time_loss(fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, target: Tensor,
+               device: torch.device, profile: DeviceProfile) -> list[float]:
+    def call() -> None:
+        logits.grad = None
+        fn(logits, target).backward()
+
+    return time_calls(call, device, max(profile.warmup, 2), profile.loss_reps)
+
+
+def bench_losses(
+    cfg: LossConfig, target: Tensor, step_s: float, js: tuple[int, ...], device: torch.device, profile: DeviceProfile
+) -> dict[str, Any]:
+    """Forward + backward seconds of each loss term and their share of a training step of ``step_s``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = (3.0 * torch.randn(target.shape, generator=gen)).to(device).requires_grad_(True)
+    target = target.float()
+    terms: dict[str, Any] = {}
+    for name, fn in _loss_fns(cfg).items():
+        med = statistics.median(_time_loss(fn, logits, target, device, profile))
+        terms[name] = {"fwd_bwd_s": _r(med), "share_of_step": _r(med / step_s, 3)}
+    terms["outlier"] = {**terms[f"outlier_{cfg.outlier_mode}"], "mode": cfg.outlier_mode}
+
+    sweep: dict[str, Any] = {}
+    for j in js:
+        cfg_j = replace(cfg, j=j)  # re-validates: i < j
+        row = {}
+        for mode in ("paper", "isolated_bce"):
+            times = _time_loss(outlier_loss_fn(cfg_j, mode), logits, target, device, profile)
+            row[f"{mode}_s"] = _r(statistics.median(times))
+        sweep[str(j)] = row
+    flat = {}
+    for mode in ("paper", "isolated_bce"):
+        values = [sweep[str(j)][f"{mode}_s"] for j in js]
+        ratio = max(values) / min(values)
+        flat[mode] = {"max_over_min": _r(ratio, 3), "flat": ratio < FLAT_RATIO_LIMIT}
+    n_pixels = int(target.numel())
+    return {
+        "terms": terms,
+        "step_s": _r(step_s),
+        "outlier_by_j": {"i": cfg.i, "j": list(js), "seconds": sweep, "flatness": flat,
+                         "flat_limit": FLAT_RATIO_LIMIT, "pixels": n_pixels},
+    }
+
+
+# --------------------------------------------------------------------------- data pipeline
+
+
+@contextlib.contextmanager
+def open_store(cfg: BenchConfig) -> Iterator[tuple[Any, str]]:
+    """The manifest store to read (``cfg.data_dir``), or a small synthetic one built in a temp dir."""
+    from lggseg.manifest import build_manifest, load_store
+
+    if cfg.data_dir is not None:
+        yield load_store(cfg.data_dir), str(cfg.data_dir)
+        return
+    from lggseg.demo import generate_demo
+
+    with tempfile.TemporaryDirectory(prefix="lggseg-bench-") as tmp:
+        raw = generate_demo(Path(tmp) / "raw", n_cases=cfg.bench.synthetic_cases, seed=cfg.common.seed)
+        build_manifest(raw, Path(tmp) / "manifest", cfg.common, cfg.manifest)
+        yield load_store(Path(tmp) / "manifest"), f"synthetic demo store ({cfg.bench.synthetic_cases} cases)"
+
+
+def _train_rows(store: Any) -> np.ndarray:
+    rows = store.indices("train")
+    return rows if len(rows) else np.arange(len(store.images), dtype=np.int64)
+
+
+def make_loader(store: Any, cfg: BenchConfig, batch_size: int, n_batches: int, workers: int,
+                device: torch.device) -> DataLoader:
+    """The training DataLoader of :mod:`lggseg.train` (same dataset, augmentation and workers), drawing
+    ``n_batches`` random batches of train slices (with replacement, so any store size will do)."""
+    from lggseg.dataset import EpochSampler, SliceDataset
+    from lggseg.train import seed_worker
+
+    ds = SliceDataset(store, _train_rows(store), cfg.common.image_size, cfg.train.augment, seed=cfg.common.seed)
+    gen = torch.Generator().manual_seed(cfg.common.seed)
+    sampler = EpochSampler(RandomSampler(ds, replacement=True, num_samples=batch_size * n_batches, generator=gen))
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=seed_worker, generator=gen, drop_last=True)
+
+
+def first_batch(store: Any, cfg: BenchConfig, batch_size: int, device: torch.device) -> Batch:
+    """One augmented training batch on ``device``: the fixed input of every timed step."""
+    b = next(iter(make_loader(store, cfg, batch_size, 1, 0, torch.device("cpu"))))
+    attrs = b["attributes"].to(device) if cfg.model.attributes else None
+    return Batch(b["image"].to(device), b["mask"].to(device), attrs)
+
+
+def loader_rate(store: Any, cfg: BenchConfig, batch_size: int, n_batches: int, workers: int,
+                device: torch.device) -> dict[str, Any]:
+    """Images/s delivered after the first batch (worker start-up is timed apart)."""
+    loader = make_loader(store, cfg, batch_size, n_batches + 1, workers, device)
+    t0 = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    t1 = time.perf_counter()
+    n = 0
+    for b in it:
+        n += int(b["image"].shape[0])
+    t2 = time.perf_counter()
+    return {"workers": workers, "images_per_s": _r(n / (t2 - t1)), "images": n, "startup_s": _r(t1 - t0)}
+
+
+def bench_data(store: Any, cfg: BenchConfig, batch_size: int, model_ips: float, device: torch.device,
+               profile: DeviceProfile) -> dict[str, Any]:
+    workers = cfg.train.num_workers
+    main = loader_rate(store, cfg, batch_size, profile.data_batches, workers, device)
+    ratio = main["images_per_s"] / model_ips
+    out: dict[str, Any] = {
+        "loader": main,
+        "model_images_per_s": _r(model_ips),
+        "ratio": _r(ratio, 3),
+        "target": DATA_RATIO_TARGET,
+        "ok": ratio >= DATA_RATIO_TARGET,
+    }
+    if workers > 0:
+        # One process's rate tells how many workers the model needs, whatever this machine has.
+        single = loader_rate(store, cfg, batch_size, max(2, profile.data_batches // 4), 0, device)
+        out["single_process_images_per_s"] = single["images_per_s"]
+        out["workers_needed"] = max(1, math.ceil(DATA_RATIO_TARGET * model_ips / single["images_per_s"]))
+    return out
+
+
+# --------------------------------------------------------------------------- training fed by the loader
+
+
+def bench_loop(model: nn.Module, init: Mapping[str, Tensor], cfg: BenchConfig, store: Any, setup: StepSetup,
+               device: torch.device, profile: DeviceProfile, batch_size: int) -> dict[str, Any]:
+    """Images/s of the training loop fed by the real DataLoader (its workers compete with the step's
+    threads for the cores, as in training): wall time of ``reps`` steps after ``1 + warmup``."""
+    from lggseg.losses import CompoundLoss
+
+    loss_fn = CompoundLoss(cfg.loss)
+    epoch = full_gamma_epoch(cfg.loss)
+    net, optimizer, fmt = _prepare(model, init, setup, cfg.train.lr, device)
+    n_steps = 1 + profile.warmup + profile.reps
+    loader = make_loader(store, cfg, batch_size, n_steps, cfg.train.num_workers, device)
+    use_attr = cfg.model.attributes
+    with applied(setup, device):
+        batches = iter(loader)
+
+        def one() -> None:
+            b = next(batches)
+            x = b["image"].to(device, non_blocking=True, memory_format=fmt)
+            y = b["mask"].to(device, non_blocking=True)
+            a = b["attributes"].to(device, non_blocking=True) if use_attr else None
+            training_step(net, optimizer, loss_fn, x, y, a, epoch, setup.bf16)
+
+        first = _timed_once(one, device)  # worker start-up, autotuning, compilation
+        for _ in range(profile.warmup):
+            one()
+        seconds = _timed_once(lambda: [one() for _ in range(profile.reps)], device)
+        threads = torch.get_num_threads()
+    model.to(memory_format=torch.contiguous_format)
+    return {"setup": setup.describe(), "threads": threads, "workers": cfg.train.num_workers,
+            "images_per_s": _r(profile.reps * batch_size / seconds), "seconds": _r(seconds),
+            "steps": profile.reps, "first_step_s": _r(first)}
+
+
+_CHILD_RESULT = "LGGSEG_BENCH_RESULT "
+
+
+def _as_params(cfg: BenchConfig) -> dict[str, Any]:
+    return {k: dataclasses.asdict(getattr(cfg, k)) for k in ("common", "model", "loss", "train", "bench", "manifest")}
+
+
+def _child_main(payload: str) -> None:
+    """Entry point of :func:`loop_in_child`: one :func:`bench_loop` in a fresh process."""
+    from lggseg.models import build_model
+
+    p = json.loads(payload)
+    cfg = bench_config(p["params"], data_dir=p["store"], demo_time_file=None)
+    device = torch.device(p["device"])
+    with open_store(cfg) as (store, _):
+        torch.manual_seed(cfg.common.seed)
+        n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
+        model = build_model(cfg.model, n_attr, cfg.common.image_size).to(device)
+        result = bench_loop(model, copy.deepcopy(model.state_dict()), cfg, store, StepSetup(**p["setup"]), device,
+                            DeviceProfile(**p["profile"]), p["batch_size"])
+    print(_CHILD_RESULT + json.dumps(result), flush=True)
+
+
+def loop_in_child(cfg: BenchConfig, store_dir: Path, setup: StepSetup, device: torch.device, profile: DeviceProfile,
+                  batch_size: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """:func:`bench_loop` in a subprocess with extra environment ``env``: OpenMP reads its settings
+    (``OMP_WAIT_POLICY``) once, when the process starts, so they cannot be tried in this one."""
+    payload = json.dumps({"params": _as_params(cfg), "store": str(store_dir), "setup": dataclasses.asdict(setup),
+                          "profile": dataclasses.asdict(profile), "batch_size": batch_size, "device": str(device)})
+    code = "import sys; from lggseg.bench import _child_main; _child_main(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, payload], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_CHILD_RESULT)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark subprocess with {dict(env)} failed (exit {proc.returncode}): {tail}")
+    return {**json.loads(lines[-1][len(_CHILD_RESULT):]), "env": dict(env)}
+
+
+def loop_variants(best: StepSetup, ours: StepSetup, device: torch.device, workers: int) -> list[tuple[StepSetup, dict[str, str]]]:
+    """Set-ups to time with the loader: ours, the best isolated step, and on CPU the thread settings
+    that matter when DataLoader workers share the cores (fewer threads, passive OpenMP waiting)."""
+    variants: list[tuple[StepSetup, dict[str, str]]] = [(ours, {})]
+    if best.knobs() != ours.knobs():
+        variants.append((best, {}))
+    if device.type == "cpu":
+        default = torch.get_num_threads()
+        spare = max(1, (os.cpu_count() or default) - workers)
+        if spare < default:
+            variants.append((replace(best, name=f"{best.name}_threads{spare}", threads=spare), {}))
+        variants.append((replace(best, name=f"{best.name}_omp_passive"), {"OMP_WAIT_POLICY": "PASSIVE"}))
+    return variants
+
+
+def bench_with_loader(model: nn.Module, cfg: BenchConfig, store: Any, variants: list[tuple[StepSetup, dict[str, str]]],
+                      device: torch.device, profile: DeviceProfile, batch_size: int,
+                      progress: tqdm | None = None) -> dict[str, Any]:
+    init = copy.deepcopy(model.state_dict())
+    out: dict[str, Any] = {}
+    for setup, env in variants:
+        if progress is not None:
+            progress.set_postfix_str(f"train + loader: {setup.name}")
+        if env:
+            out[setup.name] = loop_in_child(cfg, Path(store.root), setup, device, profile, batch_size, env)
+        else:
+            out[setup.name] = bench_loop(model, init, cfg, store, setup, device, profile, batch_size)
+        if progress is not None:
+            progress.update()
+    model.load_state_dict(init)
+    return out
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def bench_inference(model: nn.Module, batch: Batch, native: tuple[int, int], device: torch.device,
+                    profile: DeviceProfile) -> dict[str, Any]:
+    """Slices/s of ``lggseg predict``'s inference function (:func:`lggseg.predict.infer_probabilities`,
+    probabilities upsampled to the ``native`` slice size as predict does) without and with TTA."""
+    from lggseg.predict import infer_probabilities
+
+    model.eval()
+    out: dict[str, Any] = {}
+    try:
+        for tta in (False, True):
+            call = functools.partial(infer_probabilities, model, batch.image, batch.attributes, out_size=native, tta=tta)
+            times = time_calls(call, device, max(profile.warmup, 1), profile.infer_batches)
+            out["tta" if tta else "plain"] = {"slices_per_s": _r(batch.image.shape[0] / statistics.median(times)),
+                                             **_stats(times)}
+    finally:
+        model.train()
+    return out
+
+
+# --------------------------------------------------------------------------- demo time
+
+
+def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
+    """The demo ``dvc repro`` wall time, from the command line or from the file the demo writes."""
+    if seconds is not None:
+        return {"seconds": _r(seconds), "source": "--demo-seconds"}
+    if path is not None and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable demo time file ({exc})") from None
+        value = data.get("seconds") if isinstance(data, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise DataError(f"{path}: expected a JSON object with a positive 'seconds', got {data!r}")
+        return {"seconds": _r(float(value)), "source": str(path)}
+    where = f" or write {path}" if path is not None else ""
+    return {"seconds": None, "source": f"not measured: pass --demo-seconds{where}"}
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto | cpu | cuda`` (or a device) -> a device; a CUDA device always gets its index."""
+    from lggseg.evaluate import resolve_device as _resolve
+
+    device = _resolve(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _conditions(info: Mapping[str, Any], threads: int, image_size: int, batch_size: int) -> dict[str, Any]:
+    return {"device": info["name"], "torch": info["torch"], "threads": threads,
+            "image_size": image_size, "batch_size": batch_size}
+
+
+def _merge_write(out_json: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    if out_json.is_file():
+        try:
+            doc = json.loads(out_json.read_text())
+        except ValueError as exc:
+            raise DataError(f"{out_json}: existing benchmark file is not valid JSON ({exc}); move it away") from None
+        if not isinstance(doc, dict):
+            raise DataError(f"{out_json}: existing benchmark file is not a JSON object; move it away")
+    doc[key] = entry
+    write_json(out_json, doc)
+    return doc
+
+
+def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
+    """Run every measurement on ``device``, merge them into ``out_json`` under this device's key.
+
+    Returns this device's block (its key under ``"key"``).
+    """
+    t_start = time.perf_counter()
+    load_start = load_average()
+    dev = resolve_device(device)
+    profile = cfg.bench.profile(dev)
+    batch_size = profile.batch_size or cfg.train.batch_size
+    size = cfg.common.image_size
+    info = device_info(dev)
+    key = device_key(info)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    setups = candidate_setups(cfg.train, dev, cfg.bench)
+    # model + per-setup steps + loss + data + inference + matmul
+    progress = tqdm(total=len(setups) + 5, desc=f"bench {key}", unit="part")
+    try:
+        with open_store(cfg) as (store, store_source):
+            torch.manual_seed(cfg.common.seed)
+            n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
+            from lggseg.models import build_model, count_parameters
+
+            model = build_model(cfg.model, n_attr, size).to(dev)
+            batch = first_batch(store, cfg, batch_size, dev)
+            fwd_flops = forward_flops(model, batch)
+            progress.update()
+
+            training = bench_training(model, cfg.loss, batch, setups, dev, profile, cfg.train.lr, progress)
+            base_ips = training["baseline"]["images_per_s"]
+            for entry in training.values():
+                entry["speedup_vs_baseline"] = _r(entry["images_per_s"] / base_ips, 3)
+            best = max(training, key=lambda n: training[n]["images_per_s"])
+            ours = next(s.name for s in setups if s.knobs() == our_setup(cfg.train, dev).knobs())
+            by_name = {s.name: s for s in setups}
+            variants = loop_variants(by_name[best], by_name[ours], dev, cfg.train.num_workers)
+            progress.total += len(variants)
+            with_loader = bench_with_loader(model, cfg, store, variants, dev, profile, batch_size, progress)
+            recommended = max(with_loader, key=lambda n: with_loader[n]["images_per_s"])
+            ours_ips = training[ours]["images_per_s"]
+            ours_step = training[ours]["step"]["median_s"]
+            threads = training[ours]["threads"]
+
+            progress.set_postfix_str("matmul rate")
+            rates = {"float32": matmul_rate(dev, torch.float32, profile.matmul_size)}
+            bf16_ok = info["bf16"] if dev.type == "cuda" else info["bf16"]["supported"]
+            if bf16_ok:
+                rates["bfloat16"] = matmul_rate(dev, torch.bfloat16, profile.matmul_size)
+            progress.update()
+            train_flops = 3.0 * fwd_flops
+            for entry in training.values():
+                achieved = train_flops * entry["images_per_s"]
+                dtype = "bfloat16" if entry["setup"]["bf16"] and "bfloat16" in rates else "float32"
+                entry["achieved_tflops"] = _r(achieved / 1e12, 3)
+                entry["share_of_matmul_rate"] = {"dtype": dtype, "share": _r(achieved / (rates[dtype] * 1e12), 3)}
+
+            progress.set_postfix_str("loss terms")
+            losses = bench_losses(cfg.loss, batch.mask, ours_step, cfg.bench.outlier_js, dev, profile)
+            progress.update()
+            progress.set_postfix_str("data loader")
+            data = bench_data(store, cfg, batch_size, ours_ips, dev, profile)
+            progress.update()
+            progress.set_postfix_str("inference")
+            native = (int(store.masks.shape[1]), int(store.masks.shape[2]))
+            inference = bench_inference(model, batch, native, dev, profile)
+            progress.update()
+            n_params = count_parameters(model)
+    finally:
+        progress.close()
+
+    cond = _conditions(info, threads, size, batch_size)
+    entry: dict[str, Any] = {
+        "key": key,
+        "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": info,
+        "settings": {
+            "arch": cfg.model.arch, "encoder": cfg.model.encoder, "attributes": cfg.model.attributes,
+            "n_attributes": n_attr, "image_size": size, "batch_size": batch_size, "loss_terms": list(cfg.loss.terms),
+            "outlier_mode": cfg.loss.outlier_mode, "warmup": profile.warmup, "reps": profile.reps,
+            "loss_reps": profile.loss_reps, "data_batches": profile.data_batches,
+            "infer_batches": profile.infer_batches, "statistic": "median", "store": store_source,
+        },
+        "model": {
+            "parameters_m": _r(n_params / 1e6),
+            "forward_gflop_per_image": _r(fwd_flops / 1e9),
+            "train_gflop_per_image": _r(train_flops / 1e9),
+            "flop_note": "train = 3 x forward (backward ~ 2 x forward); FlopCounterMode over-counts the "
+                         "backward of grouped convolutions (regnetz), so it is not counted directly",
+        },
+        "matmul_tflops": {k: _r(v, 3) for k, v in rates.items()} | {"n": profile.matmul_size},
+        "training": {
+            "conditions": cond,
+            "ours": ours,
+            "speedup": training[ours]["speedup_vs_baseline"],
+            "best": best,
+            "best_speedup": training[best]["speedup_vs_baseline"],
+            "setups": training,
+            "with_loader": with_loader,
+            "with_loader_recommended": recommended,
+            "with_loader_gain_vs_ours": _r(with_loader[recommended]["images_per_s"] / with_loader[ours]["images_per_s"], 3),
+        },
+        "loss": {"conditions": cond, **losses},
+        "data": {"conditions": cond, **data},
+        "inference": {"conditions": cond, **inference},
+        "demo_repro": demo_time(cfg.demo_seconds, cfg.demo_time_file),
+        "machine_load": machine_load(load_start, load_average()),
+    }
+    entry["bench_seconds"] = _r(time.perf_counter() - t_start)
+    _merge_write(Path(out_json), key, entry)
+    return entry
+
+
+def summary_lines(entry: Mapping[str, Any]) -> list[str]:
+    """A few human-readable lines of one device's results."""
+    tr, loss, data, inf = entry["training"], entry["loss"], entry["data"], entry["inference"]
+    s = tr["setups"]
+    lines = [f"{entry['key']} ({entry['settings']['encoder']}, {entry['settings']['image_size']}px, "
+             f"batch {entry['settings']['batch_size']}, {tr['conditions']['threads']} threads)"]
+    lines += [f"  train {name:<28} {v['images_per_s']:>9.2f} img/s  x{v['speedup_vs_baseline']:.2f}" for name, v in s.items()]
+    lines.append(f"  ours = {tr['ours']} (x{tr['speedup']:.2f}); best = {tr['best']} (x{tr['best_speedup']:.2f})")
+    lines += [f"  train + loader {name:<28} {v['images_per_s']:>9.2f} img/s ({v['threads']} threads, {v['workers']} workers"
+              + (f", {' '.join(f'{k}={x}' for k, x in v['env'].items())}" if v.get("env") else "") + ")"
+              for name, v in tr["with_loader"].items()]
+    lines.append(f"  with the loader, {tr['with_loader_recommended']} is x{tr['with_loader_gain_vs_ours']:.2f} ours")
+    t = loss["terms"]
+    lines.append("  loss share of step: " + ", ".join(f"{k} {t[k]['share_of_step']:.1%}" for k in ("bce", "dice", "outlier")))
+    fl = loss["outlier_by_j"]["flatness"]
+    lines.append("  outlier j sweep max/min: " + ", ".join(f"{m} {v['max_over_min']:.2f}" for m, v in fl.items()))
+    lines.append(f"  data: {data['loader']['images_per_s']:.1f} img/s with {data['loader']['workers']} workers, "
+                 f"ratio {data['ratio']:.2f} ({'ok' if data['ok'] else 'BELOW ' + str(DATA_RATIO_TARGET)})")
+    lines.append(f"  inference: {inf['plain']['slices_per_s']:.2f} slices/s, TTA {inf['tta']['slices_per_s']:.2f} slices/s")
+    demo = entry["demo_repro"]
+    lines.append(f"  demo dvc repro: {demo['source']}" if demo["seconds"] is None
+                 else f"  demo dvc repro: {demo['seconds']:.0f} s ({demo['source']})")
+    load = entry["machine_load"]
+    if load["busy"]:
+        lines.append(f"  WARNING: the machine was busy (load average {load['start']} -> {load['end']} on "
+                     f"{load['cpu_count']} CPUs): these timings are unreliable")
+    lines.append(f"  benchmark took {entry['bench_seconds']:.0f} s")
+    return lines
+
+
+def build_parser(prog: str = "lggseg bench") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Benchmark training, loss, data loading and inference.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="metrics/bench.json", help="bench JSON to merge this device's results into")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: common.device)")
+    ap.add_argument("--data", default=None, help="manifest store to read (default: a small synthetic one)")
+    ap.add_argument("--demo-seconds", type=float, default=None, help="wall time of the demo's dvc repro")
+    ap.add_argument("--demo-time-file", default=str(DEMO_TIME_FILE), help='JSON {"seconds": ...} written by make demo')
+    ap.add_argument("--batch-size", type=int, default=None, help="override the device profile's batch size")
+    ap.add_argument("--reps", type=int, default=None, help="override the device profile's repetitions")
+    ap.add_argument("--no-candidates", action="store_true", help="time only the baseline and our set-up")
+    ap.add_argument("--no-compile", action="store_true", help="do not time torch.compile on CUDA")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` of the params file with the command line's overrides of the ``bench`` section."""
+    params = read_params(args.params)
+    over: dict[str, Any] = {}
+    profile = {k: v for k, v in (("batch_size", args.batch_size), ("reps", args.reps)) if v is not None}
+    if profile:
+        over.update(cpu=profile, cuda=profile)
+    if args.no_candidates:
+        over["candidates"] = False
+    if args.no_compile:
+        over["compile"] = False
+    params = deep_merge(params, {"bench": over})
+    return bench_config(params, args.data, args.demo_seconds, args.demo_time_file)
+
+
+def main(argv: list[str] | None = None, prog: str = "lggseg bench") -> int:
+    """``lggseg bench``: run the benchmark; exit 2 with a one-line message on bad input."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        entry = run_benchmark(cfg, args.out, args.device or cfg.common.device)
+    except USER_ERRORS as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(entry)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

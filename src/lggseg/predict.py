@@ -1,0 +1,654 @@
+"""``lggseg predict``: segment new slices with a trained model (issue #5).
+
+The input is one slice (``.tif``/``.png``), a case folder of the Kaggle layout
+(``<case>/<case>_<n>.tif`` with optional ``<case>_<n>_mask.tif``) or a folder of case folders (a
+``kaggle_3m/`` folder). Case folders and files are validated by :mod:`lggseg.manifest` exactly as
+for training: slice numbers 1..n without gaps, 256x256 RGB uint8 slices (grayscale and RGBA slices
+are refused, not converted, because the three channels are three MRI sequences), masks with values
+{0, 255}, every mask with its image. A case may have no masks at all (new data); then no Dice is
+reported.
+
+Preprocessing and inference are those of the evaluate stage (paper section 4.1.2): the slice is
+resized to the model's ``image_size`` (:func:`lggseg.dataset.resize_pair`, area averaging),
+normalised (:func:`lggseg.dataset.normalize_image`), the probabilities are upsampled bilinearly to
+the native 256 x 256 and thresholded (``prob > threshold``). :func:`infer_probabilities` is that
+batch -> native-resolution probabilities step, shared with :mod:`lggseg.evaluate` and
+:mod:`lggseg.bench`; with ``tta`` it averages the probabilities of the identity, horizontal-flip
+and vertical-flip views.
+
+Models trained with the attribute encoder (section 3.2.2) need each case's genomic clusters and
+each slice's position. The clusters come from a ``data.csv``-shaped file (``--attributes``, or the
+``data.csv`` of the input's ``kaggle_3m`` folder), looked up by patient id (the case folder name's
+first three parts) and one-hot encoded into the model's own attribute names; a value the model
+never saw in training is an error. The position is ``(n - 1) / (n_slices - 1)`` as in the manifest.
+A patient without a row is an error unless ``--allow-missing-attributes``, which uses the
+``missing`` category of every column (and position 0.5 for a lone slice outside a case folder).
+
+Outputs, per slice: ``<stem>_pred.png`` (binary mask, 0/255), ``<stem>_prob.png`` (probability as
+8-bit grey, ``round(255 p)``), ``<stem>_overlay.png`` (green predicted contour, red ground-truth
+contour when a mask sits beside the slice; :func:`lggseg.plotting.overlay`); for case inputs they
+go to ``DIR/<case>/``. ``DIR/summary.csv`` has one row per slice (tumour area in pixels, Dice where
+there is truth, and the case's volume = pixels summed over its slices and 3-D Dice),
+``DIR/cases.csv`` one row per case, ``DIR/predict.json`` the settings. ``DIR`` is built in a
+temporary folder beside it and renamed into place at the end (:func:`lggseg.io.atomic_dir`), so an
+error leaves no partial results and an existing ``DIR`` untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lggseg.config import ConfigError
+from lggseg.dataset import normalize_image, resize_pair
+from lggseg.errors import USER_ERRORS, DataError, ModelError
+from lggseg.io import OutputError, atomic_dir
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+SUMMARY_FILE = "summary.csv"
+CASES_FILE = "cases.csv"
+INFO_FILE = "predict.json"
+_NUMBERED = re.compile(r"^(.+)_([1-9][0-9]*)$")
+_ATTR_NAME = re.compile(r"^attr:(.+)=([^=]+)$")
+
+
+# --------------------------------------------------------------------------- shared inference
+
+
+def infer_probabilities(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    attributes: torch.Tensor | None = None,
+    *,
+    out_size: Sequence[int] | None = None,
+    tta: bool = False,
+) -> torch.Tensor:
+    """Probabilities ``(B, H, W)`` float32 for a normalised batch ``image`` ``(B, 3, h, w)``.
+
+    ``attributes`` ``(B, A)`` goes to models with the attribute encoder (``None`` for the others).
+    The sigmoid probabilities are upsampled bilinearly to ``out_size`` (the native slice size) when
+    it differs from ``(h, w)``. With ``tta`` the probabilities of the identity, horizontal-flip and
+    vertical-flip views (each flipped back) are averaged. bf16 autocast on CUDA, as in training.
+    The model must be in eval mode; this runs under ``torch.inference_mode``.
+    """
+    views: list[tuple[int, ...]] = [(), (-1,), (-2,)] if tta else [()]
+    cuda = image.device.type == "cuda"
+    with torch.inference_mode():
+        total = None
+        for dims in views:
+            x = image.flip(dims) if dims else image
+            with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x, attributes)
+            prob = torch.sigmoid(logits.float())
+            if dims:
+                prob = prob.flip(dims)
+            total = prob if total is None else total + prob
+        prob = total / len(views) if len(views) > 1 else total
+        if out_size is not None and tuple(prob.shape[-2:]) != tuple(out_size):
+            prob = F.interpolate(prob, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
+    return prob[:, 0]
+
+
+def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` slice -> float32 ``(3, s, s)`` model input, as ``SliceDataset`` in evaluation mode."""
+    # resize_pair also resizes a mask; the red channel stands in for it (its output is discarded).
+    resized, _ = resize_pair(image, image[..., 0], image_size)
+    return normalize_image(resized)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One slice to segment."""
+
+    case_id: str
+    patient_id: str | None
+    slice_index: int | None  # None: a lone slice whose number is unknown
+    n_slices: int | None
+    image: Path
+    mask: Path | None
+    out_dir: str  # relative to the output folder ("" or the case id)
+
+    @property
+    def stem(self) -> str:
+        return self.image.stem
+
+    @property
+    def position(self) -> float | None:
+        """(n - 1) / (n_slices - 1) as in the manifest (0 for a single-slice case); None when unknown."""
+        if self.slice_index is None or self.n_slices is None:
+            return None
+        return (self.slice_index - 1) / max(self.n_slices - 1, 1)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What ``--input`` resolved to."""
+
+    kind: str  # slice | case | cases
+    slices: list[SliceInput]
+    default_attributes: Path | None  # the data.csv of the kaggle_3m folder, when there is one
+
+
+def _case_slices(case: Path, out_dir: str) -> list[SliceInput]:
+    from lggseg.manifest import _CASE_RE, _scan_case
+
+    m = _CASE_RE.match(case.name)
+    if not m:
+        raise DataError(f"{case}: folder name is not a case id like TCGA_CS_4941_19960909")
+    refs = _scan_case(case, m.group(1), require_masks=False)
+    root = case.parent
+    return [
+        SliceInput(
+            r.case_id, r.patient_id, r.slice_index, r.n_slices, root / r.image_path,
+            root / r.mask_path if r.mask_path else None, out_dir,
+        )
+        for r in refs
+    ]
+
+
+def _visible(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
+def _lone_slice(path: Path) -> SliceInput:
+    from lggseg.manifest import _CASE_RE
+
+    case_id, index, patient = path.stem, None, None
+    if (m := _NUMBERED.match(path.stem)) and (c := _CASE_RE.match(m.group(1))):
+        case_id, index, patient = m.group(1), int(m.group(2)), c.group(1)
+    elif c := _CASE_RE.match(path.stem):
+        patient = c.group(1)
+    mask = next(
+        (p for p in (path.with_name(f"{path.stem}_mask{path.suffix}"), path.with_name(f"{path.stem}_mask.tif")) if p.is_file()),
+        None,
+    )
+    return SliceInput(case_id, patient, index, None, path, mask, "")
+
+
+def resolve_inputs(path: str | Path) -> Inputs:
+    """Find and validate the slices of ``path`` (a slice file, a case folder or a folder of cases)."""
+    from lggseg.manifest import _CASE_RE
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: input not found")
+    if path.is_file():
+        if path.suffix.lower() not in SLICE_SUFFIXES:
+            raise DataError(f"{path}: not a slice image (expected {', '.join(SLICE_SUFFIXES)}) or a folder")
+        if path.stem.endswith("_mask"):
+            raise DataError(f"{path}: this is a mask; give the slice image (the mask beside it is used as truth)")
+        case = path.parent
+        m = _NUMBERED.match(path.stem)
+        if m and m.group(1) == case.name and _CASE_RE.match(case.name) and path.suffix == ".tif":
+            # A slice of a case folder: validate the case and take the slice's number and position from it.
+            chosen = [s for s in _case_slices(case, "") if s.image.name == path.name]
+            return Inputs("slice", chosen, _existing(case.parent / "data.csv"))
+        return Inputs("slice", [_lone_slice(path)], None)
+    entries = _visible(path)
+    folders = [p for p in entries if p.is_dir()]
+    if folders:
+        slices = [s for case in folders for s in _case_slices(case, case.name)]
+        return Inputs("cases", slices, _existing(path / "data.csv"))
+    if not entries:
+        raise DataError(f"{path}: empty input folder (expected slices <case>_<n>.tif or case folders)")
+    if not _CASE_RE.match(path.name):
+        raise DataError(
+            f"{path}: neither a case folder (named like TCGA_CS_4941_19960909, holding <case>_<n>.tif) "
+            "nor a folder of case folders"
+        )
+    return Inputs("case", _case_slices(path, path.name), _existing(path.parent / "data.csv"))
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
+    from lggseg.manifest import _check_image, _check_mask, _decode_tif, _read
+
+    image, mode = _decode_tif(item.image, _read(item.image))
+    _check_image(item.image, image, mode)
+    truth = None
+    if item.mask is not None:
+        mask, mode = _decode_tif(item.mask, _read(item.mask))
+        _check_mask(item.mask, mask, mode)
+        truth = mask == 255
+    return np.ascontiguousarray(image), truth
+
+
+# --------------------------------------------------------------------------- model and attributes
+
+
+def resolve_model_dir(model_dir: str | Path, seed: int | None = None) -> Path:
+    """The directory holding ``model.json``: ``model_dir`` itself or its ``seed_<s>/`` (one, or ``seed``)."""
+    from lggseg.evaluate import find_model_dirs
+    from lggseg.models import META_FILE
+
+    model_dir = Path(model_dir)
+    if (model_dir / META_FILE).is_file():
+        if seed is not None:
+            raise ModelError(f"{model_dir}: --seed {seed} given but this is a single model directory (it has {META_FILE})")
+        return model_dir
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: model directory not found")
+    try:
+        seeds = find_model_dirs(model_dir)
+    except ModelError:
+        raise ModelError(
+            f"{model_dir}: not a model directory (no {META_FILE}, no seed_<s>/ sub-directories); "
+            "give models/<variant> or models/<variant>/seed_<s> as written by training"
+        ) from None
+    if seed is None:
+        if len(seeds) > 1:
+            raise ModelError(f"{model_dir}: holds the models of seeds {sorted(seeds)}; choose one with --seed")
+        return next(iter(seeds.values()))
+    if seed not in seeds:
+        raise ModelError(f"{model_dir}: no model for seed {seed} (seeds: {sorted(seeds)})")
+    return seeds[seed]
+
+
+def uses_attributes(meta: Mapping[str, Any]) -> bool:
+    """Whether the model has the attribute encoder (its ``model_config.attributes``)."""
+    cfg = meta.get("model_config") or {}
+    return bool(cfg.get("attributes")) and int(meta.get("n_attributes") or 0) > 0
+
+
+class AttributeLookup:
+    """Builds the model's attribute vector for a patient and a slice position.
+
+    ``names`` are the model's attribute names (``attr:<Column>=<category>`` one-hot blocks with a
+    ``missing`` category, then optionally ``attr:position``), in the model's order.
+    """
+
+    def __init__(
+        self, names: Sequence[str], csv_path: Path | None, allow_missing: bool, model_dir: Path
+    ) -> None:
+        from lggseg.manifest import MISSING, POSITION, encode_attributes, read_clinical
+
+        self.names = list(names)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.csv_path = csv_path
+        self.allow_missing = allow_missing
+        self.model_dir = model_dir
+        self.position = self.index.get(POSITION)
+        columns: list[str] = []
+        for n in self.names:
+            if n == POSITION:
+                continue
+            m = _ATTR_NAME.match(n)
+            if not m:
+                raise ModelError(f"{model_dir}: model.json has an attribute name {n!r} that is not attr:<Column>=<value>")
+            if m.group(1) not in columns:
+                columns.append(m.group(1))
+        self.columns = columns
+        self.missing_names = [f"attr:{c}={MISSING}" for c in columns]
+        absent = [n for n in self.missing_names if n not in self.index]
+        if absent:
+            raise ModelError(f"{model_dir}: model.json attribute names lack {absent} (not written by the manifest encoding)")
+        self.onehot: pd.DataFrame | None = None
+        self.values: pd.DataFrame | None = None
+        if csv_path is not None and columns:
+            clinical = read_clinical(csv_path)
+            _, self.onehot = encode_attributes(clinical, columns, csv_path)
+            self.values = clinical[columns]
+
+    def patient_vector(self, patient: str | None, case_id: str) -> tuple[np.ndarray, bool]:
+        """``(one-hot part of the vector, found)`` for ``patient``; position left 0."""
+        vec = np.zeros(len(self.names), dtype=np.float32)
+        found = self.onehot is not None and patient is not None and patient in self.onehot.index
+        if not self.columns:
+            return vec, True
+        if not found:
+            if not self.allow_missing:
+                if self.csv_path is None:
+                    raise DataError(
+                        f"{self.model_dir}: this model uses the attribute encoder (genomic clusters of section 3.2.2) "
+                        "but no attributes were given: pass --attributes data.csv, or --allow-missing-attributes "
+                        "to use the 'missing' category for every cluster"
+                    )
+                who = f"patient {patient}" if patient else f"{case_id} (no patient id in its name)"
+                raise DataError(
+                    f"{self.csv_path}: no row for {who} (case {case_id}); the model in {self.model_dir} needs its "
+                    "genomic clusters: add the row, or pass --allow-missing-attributes to use the 'missing' category"
+                )
+            for n in self.missing_names:
+                vec[self.index[n]] = 1.0
+            return vec, False
+        row = self.onehot.loc[patient]
+        for name in row.index[row.to_numpy() == 1]:
+            if name not in self.index:
+                col = _ATTR_NAME.match(name).group(1)
+                known = [n.split("=", 1)[1] for n in self.names if n.startswith(f"attr:{col}=")]
+                raise DataError(
+                    f"{self.csv_path}: {col} of {patient} is {self.values.at[patient, col]!r}, a category the model in "
+                    f"{self.model_dir} never saw in training (known: {known})"
+                )
+            vec[self.index[name]] = 1.0
+        return vec, True
+
+    def slice_vector(self, base: np.ndarray, item: SliceInput) -> np.ndarray:
+        if self.position is None:
+            return base
+        pos = item.position
+        if pos is None:
+            if not self.allow_missing:
+                raise DataError(
+                    f"{item.image}: the model uses the slice position, which is unknown for a slice outside a case "
+                    "folder (<case>/<case>_<n>.tif); give the case folder, or pass --allow-missing-attributes (position 0.5)"
+                )
+            pos = 0.5
+        out = base.copy()
+        out[self.position] = pos
+        return out
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    threshold: float = 0.5
+    batch_size: int = 16
+    tta: bool = False
+    min_area: int = 0  # 0: no post-processing
+    connectivity: int = 8
+    device: str = "auto"
+    seed: int | None = None
+    allow_missing_attributes: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
+            raise ConfigError(f"--threshold must be in (0, 1), got {self.threshold!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) or self.min_area < 0:
+            raise ConfigError(f"--postprocess-min-area must be a non-negative integer, got {self.min_area!r}")
+        if self.connectivity not in (4, 8):
+            raise ConfigError(f"connectivity must be 4 or 8, got {self.connectivity!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def _check_output(out_dir: Path) -> None:
+    """Refuse to replace something that is not a previous ``lggseg predict`` output."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: output exists and is not a folder")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"cannot write {out_dir}: {parent} is a file, not a folder")
+    if out_dir.is_dir():
+        entries = _visible(out_dir)
+        if entries and not (out_dir / INFO_FILE).is_file():
+            raise OutputError(
+                f"{out_dir}: refusing to replace a non-empty folder that is not an lggseg predict output "
+                f"(no {INFO_FILE}); choose a new or empty folder"
+            )
+
+
+def _batches(items: list[SliceInput], size: int) -> Iterator[list[SliceInput]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _read_batch(batch: list[SliceInput]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    return [read_slice(s) for s in batch]
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+
+
+class _Staging:
+    """Writes into :func:`lggseg.io.atomic_dir`'s temporary folder; a failure names the final path.
+
+    The folder as a whole is renamed into place at the end, so single files need no atomic write.
+    """
+
+    def __init__(self, tmp: Path, dest: Path) -> None:
+        self.tmp, self.dest = tmp, dest
+
+    def _write(self, rel: str, write: Any) -> None:
+        try:
+            write(self.tmp / rel)
+        except OSError as exc:  # full disk, quota, ...
+            raise OutputError(f"cannot write {self.dest / rel}: {exc.strerror or exc}") from exc
+
+    def png(self, rel: str, array: np.ndarray) -> None:
+        self._write(rel, lambda path: _save_png(path, array))
+
+    def csv(self, rel: str, frame: pd.DataFrame) -> None:
+        self._write(rel, lambda path: frame.to_csv(path, index=False))
+
+    def json(self, rel: str, obj: Any) -> None:
+        self._write(rel, lambda path: path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
+
+
+def predict(
+    model_dir: str | Path,
+    input_path: str | Path,
+    out_dir: str | Path,
+    attributes: str | Path | None = None,
+    options: PredictOptions | None = None,
+) -> pd.DataFrame:
+    """Segment every slice of ``input_path`` and write the outputs to ``out_dir`` (atomically).
+
+    Returns the per-slice summary (the content of ``summary.csv``). Every check that needs no
+    pixels (inputs, model metadata, attributes, output folder) runs before the model is loaded.
+    """
+    from lggseg.evaluate import resolve_device
+    from lggseg.models import load_model, read_meta
+    from lggseg.plotting import overlay
+    from lggseg.postprocess import remove_small_components
+
+    opts = options or PredictOptions()
+    out_dir = Path(out_dir)
+    device = resolve_device(opts.device)
+    model_path = resolve_model_dir(model_dir, opts.seed)
+    meta = read_meta(model_path)
+    inputs = resolve_inputs(input_path)
+    _check_output(out_dir)
+
+    use_attr = uses_attributes(meta)
+    attr_source = Path(attributes) if attributes is not None else inputs.default_attributes
+    if attributes is not None and not attr_source.is_file():
+        raise DataError(f"{attr_source}: attributes file not found")
+    lookup = None
+    vectors: dict[tuple[str, str | None], tuple[np.ndarray, bool]] = {}
+    if use_attr:
+        names = list(meta.get("attribute_names") or [])
+        if len(names) != int(meta["n_attributes"]):
+            raise ModelError(f"{model_path}: model.json lists {len(names)} attribute names for n_attributes={meta['n_attributes']}")
+        lookup = AttributeLookup(names, attr_source, opts.allow_missing_attributes, model_path)
+        for item in inputs.slices:
+            key = (item.case_id, item.patient_id)
+            if key not in vectors:
+                vectors[key] = lookup.patient_vector(item.patient_id, item.case_id)
+            lookup.slice_vector(vectors[key][0], item)  # position problems surface before any work
+        for (case, patient), (_, found) in vectors.items():
+            if not found:
+                print(f"lggseg predict: warning: no attributes for {patient or case}; using the 'missing' category",
+                      file=sys.stderr)
+
+    model, meta = load_model(model_path, device)
+    image_size = int(meta["image_size"])
+    rows: list[dict[str, Any]] = []
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        stage = _Staging(tmp, out_dir)
+        bar = tqdm(total=len(inputs.slices), desc="predict", unit="slice")
+        batches = list(_batches(inputs.slices, opts.batch_size))
+        pending = pool.submit(_read_batch, batches[0])
+        for k, batch in enumerate(batches):
+            current = pending.result()
+            # Decode the next batch while this one runs through the network.
+            if k + 1 < len(batches):
+                pending = pool.submit(_read_batch, batches[k + 1])
+            images = [img for img, _ in current]
+            x = torch.from_numpy(np.stack([preprocess(img, image_size) for img in images])).to(device)
+            a = None
+            if lookup is not None:
+                a = np.stack([lookup.slice_vector(vectors[(s.case_id, s.patient_id)][0], s) for s in batch])
+                a = torch.from_numpy(a).to(device)
+            probs = infer_probabilities(model, x, a, out_size=images[0].shape[:2], tta=opts.tta).cpu().numpy()
+            for item, (image, truth), prob in zip(batch, current, probs, strict=True):
+                pred = prob > opts.threshold
+                if opts.min_area > 0:
+                    pred = remove_small_components(pred, opts.min_area, opts.connectivity)
+                base = f"{item.out_dir}/{item.stem}" if item.out_dir else item.stem
+                stage.png(f"{base}_pred.png", pred.astype(np.uint8) * 255)
+                stage.png(f"{base}_prob.png", np.round(prob * 255).astype(np.uint8))
+                stage.png(f"{base}_overlay.png", overlay(image, truth, pred))
+                rows.append(_slice_row(item, base, pred, truth))
+            bar.update(len(batch))
+        bar.close()
+        slices = pd.DataFrame(rows)
+        cases = _case_table(slices)
+        slices = slices.merge(
+            cases[["case_id", "volume_pixels", "dice_3d"]].rename(
+                columns={"volume_pixels": "case_volume_pixels", "dice_3d": "case_dice_3d"}
+            ),
+            on="case_id",
+            how="left",
+        )
+        stage.csv(SUMMARY_FILE, slices.drop(columns=["intersection"]))
+        stage.csv(CASES_FILE, cases)
+        stage.json(
+            INFO_FILE,
+            {
+                "model_dir": str(model_path),
+                "input": str(input_path),
+                "input_kind": inputs.kind,
+                "attributes": str(attr_source) if (use_attr and attr_source is not None) else None,
+                "uses_attributes": use_attr,
+                "image_size": image_size,
+                "threshold": opts.threshold,
+                "tta": opts.tta,
+                "postprocess_min_area": opts.min_area,
+                "device": device.type,
+                "n_slices": len(slices),
+                "n_cases": len(cases),
+                "probability_png": "round(255 * p), 8-bit grey",
+            },
+        )
+    return slices
+
+
+def _slice_row(item: SliceInput, output: str, pred: np.ndarray, truth: np.ndarray | None) -> dict[str, Any]:
+    """The summary row of one slice: area in pixels and, with a truth mask, its Dice."""
+    from lggseg.metrics import confusion, dice_from_counts
+
+    row: dict[str, Any] = {
+        "case_id": item.case_id,
+        "patient_id": item.patient_id or "",
+        "slice_index": item.slice_index,
+        "n_slices": item.n_slices,
+        "position": item.position,
+        "image": str(item.image),
+        "output": output,
+        "pred_pixels": int(pred.sum()),
+        "truth_pixels": None,
+        "intersection": None,
+        "dice": None,
+    }
+    if truth is not None:
+        c = confusion(pred, truth)
+        row.update(truth_pixels=c.tp + c.fn, intersection=c.tp, dice=dice_from_counts(c.tp, c.tp + c.fn, c.tp + c.fp))
+    return row
+
+
+def _case_table(slices: pd.DataFrame) -> pd.DataFrame:
+    """Per case: slices, predicted volume (pixels summed over slices), truth volume and 3-D Dice."""
+    from lggseg.metrics import dice_from_counts
+
+    out = []
+    for case_id, g in slices.groupby("case_id", sort=True):
+        has_truth = g["truth_pixels"].notna().all()
+        row = {
+            "case_id": case_id,
+            "patient_id": g["patient_id"].iloc[0],
+            "n_slices": len(g),
+            "volume_pixels": int(g["pred_pixels"].sum()),
+            "truth_volume_pixels": int(g["truth_pixels"].sum()) if has_truth else None,
+            "dice_3d": None,
+            "dice_slice_mean": None,
+        }
+        if has_truth:
+            row["dice_3d"] = dice_from_counts(g["intersection"].sum(), g["truth_pixels"].sum(), g["pred_pixels"].sum())
+            row["dice_slice_mean"] = float(g["dice"].astype(float).mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: str = "lggseg predict") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Segment MRI slices with a trained lggseg model: binary mask, probability map, overlay "
+        "and a summary.csv of tumour areas, case volumes and Dice (where a mask sits beside the slice).",
+    )
+    ap.add_argument("--model", required=True, type=Path, help="model dir (model.json + model.safetensors) or models/<variant>")
+    ap.add_argument("--input", required=True, type=Path, help="a slice (.tif/.png), a case folder or a folder of case folders")
+    ap.add_argument("--output", required=True, type=Path, help="output folder (created or replaced whole at the end)")
+    ap.add_argument("--attributes", type=Path, help="data.csv-shaped file with the genomic clusters (default: the input's data.csv)")
+    ap.add_argument("--allow-missing-attributes", action="store_true", help="use the 'missing' category for patients without a row")
+    ap.add_argument("--postprocess-min-area", type=int, default=0, metavar="N", help="remove predicted regions under N pixels")
+    ap.add_argument("--tta", action="store_true", help="average the probabilities of identity, h-flip and v-flip")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, help="which seed_<s>/ of a models/<variant> folder holding several")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "lggseg predict") -> int:
+    """Console entry point; returns the exit status (2 on bad input, with a one-line message)."""
+    ap = build_parser(prog)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # argparse's own usage errors and --help
+        return int(exc.code or 0)
+    try:
+        opts = PredictOptions(
+            threshold=args.threshold, batch_size=args.batch_size, tta=args.tta, min_area=args.postprocess_min_area,
+            device=args.device, seed=args.seed, allow_missing_attributes=args.allow_missing_attributes,
+        )
+        slices = predict(args.model, args.input, args.output, args.attributes, opts)
+    except (*USER_ERRORS, OutputError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {args.output} left as it was", file=sys.stderr)
+        return 130
+    dice = slices["dice"].dropna().astype(float)
+    msg = f"{prog}: {len(slices)} slices -> {args.output}"
+    if len(dice):
+        msg += f" (mean Dice {dice.mean():.4f} over {len(dice)} slices with truth)"
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

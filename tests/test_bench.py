@@ -1,0 +1,393 @@
+"""The benchmark runs and writes what it promises; its helpers compute what they claim (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lggseg import bench
+from lggseg.config import ConfigError, LossConfig, TrainConfig, read_params
+from lggseg.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_committed_params_give_the_paper_model_with_every_loss_term():
+    cfg = bench.bench_config(REPO / "params.yaml")
+    params = read_params(REPO / "params.yaml")
+    assert cfg.model.encoder == params["model"]["encoder"] and cfg.model.arch == "deeplabv3plus"
+    assert cfg.model.pretrained is False and cfg.model.weights_file is None
+    assert cfg.loss.terms == ("bce", "dice", "outlier")
+    assert (cfg.loss.i, cfg.loss.j) == (params["loss"]["i"], params["loss"]["j"])
+    assert cfg.bench == bench.BenchParams()
+
+
+def test_partial_profile_override_keeps_the_other_defaults():
+    p = bench.load_bench_params({"bench": {"cpu": {"reps": 7}, "outlier_js": [23, 45]}})
+    assert p.cpu.reps == 7
+    assert p.cpu.batch_size == bench.BenchParams().cpu.batch_size
+    assert p.cuda == bench.BenchParams().cuda
+    assert p.outlier_js == (23, 45)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"outlier_js": [20]}, "odd integers"),
+        ({"outlier_js": []}, "odd integers"),
+        ({"cpu": {"batch_size": 1}}, "at least 2"),
+        ({"cpu": {"reps": 0}}, "reps must be a positive"),
+        ({"cuda": {"warmup": -1}}, "warmup must be a non-negative"),
+        ({"synthetic_cases": 2}, ">= 3"),
+        ({"no_such_key": 1}, "unknown key"),
+        ({"cpu": {"reps": "many"}}, "must be an integer"),
+        ("fast", "must be a mapping"),
+    ],
+)
+def test_bad_bench_section_is_rejected(section, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.load_bench_params({"bench": section})
+
+
+def test_j_smaller_than_i_is_rejected_before_any_work():
+    with pytest.raises(ConfigError, match="smaller than loss.j"):
+        bench.bench_losses(LossConfig(i=7, j=21), torch.zeros(2, 1, 16, 16), 1.0, (5,), CPU, bench.BenchParams().cpu)
+
+
+@pytest.mark.parametrize("seconds", [0.0, -3.0, float("nan"), float("inf")])
+def test_bad_demo_seconds_are_rejected(seconds):
+    with pytest.raises(ConfigError, match="demo-seconds"):
+        bench.bench_config(REPO / "params.yaml", demo_seconds=seconds)
+
+
+# --------------------------------------------------------------------------- device facts
+
+
+@pytest.mark.parametrize(
+    ("info", "key"),
+    [
+        ({"type": "cpu", "name": "AMD EPYC 7763 64-Core Processor"}, "cpu-amd-epyc-7763-64-core-processor"),
+        ({"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "cuda-nvidia-h100-80gb-hbm3"),
+        ({"type": "cpu", "name": "  Intel(R) Xeon(R)  "}, "cpu-intel-r-xeon-r"),
+        ({"type": "cpu", "name": "???"}, "cpu-unknown"),
+    ],
+)
+def test_device_key(info, key):
+    assert bench.device_key(info) == key
+
+
+def test_device_info_names_the_conditions():
+    info = bench.device_info(CPU)
+    assert info["type"] == "cpu" and info["torch"] == torch.__version__
+    assert info["threads"] == torch.get_num_threads()
+    assert set(info["bf16"]) == {"supported", "native"}
+    assert bench.device_key(info).startswith("cpu-")
+
+
+# --------------------------------------------------------------------------- timing and set-ups
+
+
+@pytest.mark.parametrize(("warmup", "reps"), [(0, 1), (2, 3), (1, 5)])
+def test_time_calls_runs_warmup_then_reps(warmup, reps):
+    calls = []
+    times = bench.time_calls(lambda: calls.append(1), CPU, warmup, reps)
+    assert len(calls) == warmup + reps
+    assert len(times) == reps and all(t >= 0 for t in times)
+
+
+def test_our_cpu_setup_mirrors_train():
+    ours = bench.our_setup(TrainConfig(cpu_threads=3), CPU)
+    # train.train_variant: deterministic algorithms on CPU, fp32, contiguous, no compile
+    assert (ours.deterministic, ours.threads, ours.bf16, ours.channels_last, ours.compile) == (True, 3, False, False, False)
+
+
+@pytest.mark.parametrize(
+    ("candidates", "expected"),
+    [
+        (False, ["baseline", "ours"]),
+        (True, ["baseline", "ours", "channels_last", "bf16", "bf16_channels_last"]),
+    ],
+)
+def test_cpu_candidates(candidates, expected, monkeypatch):
+    monkeypatch.setattr(bench, "cpu_bf16", lambda: {"supported": True, "native": True})
+    setups = bench.candidate_setups(TrainConfig(), CPU, replace(bench.BenchParams(), candidates=candidates))
+    assert [s.name for s in setups] == expected
+    assert not any(s.compile for s in setups)  # never compiled on CPU
+
+
+def test_cpu_without_bf16_gets_no_bf16_candidate(monkeypatch):
+    monkeypatch.setattr(bench, "cpu_bf16", lambda: {"supported": False, "native": False})
+    names = [s.name for s in bench.candidate_setups(TrainConfig(), CPU, bench.BenchParams())]
+    assert names == ["baseline", "ours", "channels_last"]
+
+
+def test_duplicate_setups_are_timed_once():
+    setups = [bench.StepSetup("baseline"), bench.StepSetup("ours"), bench.StepSetup("cl", channels_last=True),
+              bench.StepSetup("cl2", channels_last=True)]
+    assert [s.name for s in bench._unique(setups)] == ["baseline", "cl"]
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "threads", "workers", "best_is_ours", "expected"),
+    [
+        ("cpu", 2, 2, 4, False, ["ours", "bf16", "bf16_threads1", "bf16_omp_passive"]),
+        ("cpu", 8, 8, 4, False, ["ours", "bf16", "bf16_threads4", "bf16_omp_passive"]),
+        ("cpu", 8, 8, 0, False, ["ours", "bf16", "bf16_omp_passive"]),
+        ("cpu", 2, 2, 1, True, ["ours", "ours_threads1", "ours_omp_passive"]),
+        ("cuda", 16, 16, 4, False, ["ours", "bf16"]),
+        ("cuda", 16, 16, 4, True, ["ours"]),
+    ],
+)
+def test_loop_variants(monkeypatch, device, cores, threads, workers, best_is_ours, expected):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(bench.torch, "get_num_threads", lambda: threads)
+    ours = bench.StepSetup("ours", deterministic=True)
+    best = ours if best_is_ours else bench.StepSetup("bf16", bf16=True)
+    variants = bench.loop_variants(best, ours, torch.device(device), workers)
+    assert [s.name for s, _ in variants] == expected
+    for setup, env in variants:
+        assert env == ({"OMP_WAIT_POLICY": "PASSIVE"} if setup.name.endswith("omp_passive") else {})
+        if "_threads" in setup.name:
+            assert setup.threads == int(setup.name.rsplit("threads", 1)[1]) and setup.bf16 == best.bf16
+
+
+def test_applied_restores_global_switches():
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    setup = bench.StepSetup("x", deterministic=not det, threads=1)
+    with bench.applied(setup, CPU):
+        assert torch.get_num_threads() == 1
+        assert torch.are_deterministic_algorithms_enabled() is (not det)
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() is det
+
+
+class _Conv(nn.Module):
+    """A model with the project's forward signature whose FLOPs are known by hand."""
+
+    def __init__(self, cin: int, cout: int, k: int, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False)
+
+    def forward(self, image, attributes=None):
+        return self.conv(image)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "groups", "hw", "flops"),
+    [
+        (3, 4, 3, 1, 8, 2 * 4 * 3 * 9 * 64),  # 2 * Cout * Cin * k^2 * H * W
+        (3, 1, 1, 1, 16, 2 * 1 * 3 * 1 * 256),
+        (8, 8, 3, 4, 8, 2 * 8 * 2 * 9 * 64),  # grouped: Cin / groups inputs per output
+    ],
+)
+def test_forward_flops_per_image(cin, cout, k, groups, hw, flops):
+    model = _Conv(cin, cout, k, groups)
+    batch = bench.Batch(torch.randn(4, cin, hw, hw), torch.zeros(4, 1, hw, hw), None)
+    assert bench.forward_flops(model, batch) == flops
+    assert model.training  # restored
+
+
+def test_training_step_updates_the_weights():
+    from lggseg.losses import CompoundLoss
+
+    torch.manual_seed(0)
+    model = _Conv(3, 1, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = model.conv.weight.detach().clone()
+    x, y = torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float()
+    loss = bench.training_step(model, opt, CompoundLoss(LossConfig(terms=("bce", "dice"))), x, y, None, 0, bf16=False)
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.conv.weight)
+
+
+def test_matmul_rate_is_positive():
+    assert bench.matmul_rate(CPU, torch.float32, 64, warmup=1, reps=2) > 0
+
+
+def test_loss_costs_have_every_term_and_the_j_sweep():
+    target = torch.zeros(2, 1, 48, 48)
+    target[:, :, 10:20, 10:20] = 1
+    prof = bench.DeviceProfile(batch_size=2, warmup=0, reps=1, loss_reps=1, data_batches=1, infer_batches=1, matmul_size=8)
+    out = bench.bench_losses(LossConfig(terms=bench.ALL_TERMS, i=3, j=5), target, 0.5, (5, 9, 13), CPU, prof)
+    assert set(out["terms"]) == {"bce", "dice", "outlier", "outlier_paper", "outlier_isolated_bce", "compound"}
+    assert out["terms"]["outlier"]["mode"] == "paper"
+    for term in out["terms"].values():
+        assert term["share_of_step"] == pytest.approx(term["fwd_bwd_s"] / 0.5, rel=1e-2)
+    sweep = out["outlier_by_j"]
+    assert list(sweep["seconds"]) == ["5", "9", "13"] and sweep["pixels"] == 2 * 48 * 48
+    for mode in ("paper", "isolated_bce"):
+        values = [sweep["seconds"][j][f"{mode}_s"] for j in ("5", "9", "13")]
+        assert sweep["flatness"][mode]["max_over_min"] == pytest.approx(max(values) / min(values), rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("start", "cpus", "busy"),
+    [(0.3, 2, False), (1.0, 2, False), (1.2, 2, True), (5.9, 2, True), (7.0, 16, False), (None, 2, False)],
+)
+def test_machine_load_flags_a_busy_machine(monkeypatch, start, cpus, busy):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: cpus)
+    assert bench.machine_load(start, 9.9) == {"start": start, "end": 9.9, "cpu_count": cpus, "busy": busy}
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+@pytest.mark.parametrize(
+    ("content", "seconds", "source"),
+    [
+        ({"seconds": 412.5}, 412.5, "file"),
+        ({"seconds": 90, "command": "dvc repro"}, 90.0, "file"),
+        (None, None, "not measured"),
+    ],
+)
+def test_demo_time_from_file(tmp_path, content, seconds, source):
+    path = tmp_path / "demo_time.json"
+    if content is not None:
+        path.write_text(json.dumps(content))
+    out = bench.demo_time(None, path)
+    assert out["seconds"] == seconds
+    if source == "file":
+        assert out["source"] == str(path)
+    else:
+        assert out["source"].startswith(source) and str(path) in out["source"]
+
+
+def test_demo_seconds_argument_wins_over_the_file(tmp_path):
+    path = tmp_path / "demo_time.json"
+    path.write_text(json.dumps({"seconds": 5}))
+    assert bench.demo_time(321.0, path) == {"seconds": 321.0, "source": "--demo-seconds"}
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"seconds": -1}', '{"seconds": true}', '{"wall": 3}'])
+def test_bad_demo_time_file_is_an_error(tmp_path, text):
+    path = tmp_path / "demo_time.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match="demo_time.json"):
+        bench.demo_time(None, path)
+
+
+def test_merge_keeps_other_devices(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"cuda-nvidia-h100": {"x": 1}, "cpu-old": {"y": 2}}))
+    doc = bench._merge_write(out, "cpu-old", {"y": 3})
+    assert doc == json.loads(out.read_text()) == {"cuda-nvidia-h100": {"x": 1}, "cpu-old": {"y": 3}}
+
+
+@pytest.mark.parametrize("text", ["{broken", "[1]"])
+def test_merge_refuses_a_damaged_file(tmp_path, text):
+    out = tmp_path / "bench.json"
+    out.write_text(text)
+    with pytest.raises(DataError, match="bench.json"):
+        bench._merge_write(out, "cpu-x", {})
+    assert out.read_text() == text
+
+
+def _stage():
+    spec = importlib.util.spec_from_file_location("stage_bench", REPO / "stages" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("main", [lambda argv: _stage().main(argv), bench.main], ids=["stage", "cli"])
+def test_bad_params_give_one_line_and_exit_2(tmp_path, capsys, main):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"bench": {"cpu": {"reps": 0}}}))
+    assert main(["--params", str(params), "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench: bench.<device>.reps must be a positive integer") and "\n" not in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_cli_overrides_reach_both_profiles():
+    args = bench.build_parser().parse_args(
+        ["--params", str(REPO / "params.yaml"), "--batch-size", "6", "--reps", "2", "--no-candidates", "--no-compile"]
+    )
+    cfg = bench.config_from_args(args)
+    assert (cfg.bench.cpu.batch_size, cfg.bench.cpu.reps, cfg.bench.cuda.batch_size, cfg.bench.cuda.reps) == (6, 2, 6, 2)
+    assert cfg.bench.cpu.warmup == bench.BenchParams().cpu.warmup
+    assert cfg.bench.candidates is False and cfg.bench.compile is False
+
+
+def test_cli_missing_params_file(tmp_path, capsys):
+    assert bench.main(["--params", str(tmp_path / "missing.yaml")]) == 2
+    assert "params file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _tiny_params(tmp_path: Path) -> Path:
+    params = read_params(REPO / "params.yaml")
+    params["common"] = {**params["common"], "image_size": 64, "device": "cpu"}
+    params["model"] = {**params["model"], "encoder": "resnet10t", "decoder_channels": 32, "attribute_hidden": 16}
+    params["train"] = {**params["train"], "num_workers": 1}
+    tiny = {"batch_size": 2, "warmup": 0, "reps": 1, "loss_reps": 1, "data_batches": 2, "infer_batches": 1,
+            "matmul_size": 64}
+    params["bench"] = {"cpu": tiny, "candidates": False, "outlier_js": [21, 41]}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.slow
+def test_stage_writes_every_figure_and_keeps_other_devices(tmp_path):
+    out = tmp_path / "metrics" / "bench.json"
+    out.parent.mkdir()
+    out.write_text(json.dumps({"cuda-some-gpu": {"kept": True}}))
+    (tmp_path / "demo_time.json").write_text(json.dumps({"seconds": 123.0}))
+    rc = _stage().main(["--params", str(_tiny_params(tmp_path)), "--out", str(out),
+                     "--demo-time-file", str(tmp_path / "demo_time.json")])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["cuda-some-gpu"] == {"kept": True}
+    (key,) = [k for k in doc if k.startswith("cpu-")]
+    e = doc[key]
+    assert e["key"] == key and e["settings"]["image_size"] == 64 and e["settings"]["batch_size"] == 2
+    assert set(e["training"]["setups"]) == {"baseline", "ours"}
+    loaded = e["training"]["with_loader"]
+    assert "ours" in loaded and any(name.endswith("_omp_passive") for name in loaded)
+    assert all(v["images_per_s"] > 0 and v["workers"] == 1 for v in loaded.values())
+    assert e["training"]["with_loader_recommended"] in loaded
+    assert e["training"]["speedup"] == e["training"]["setups"]["ours"]["speedup_vs_baseline"]
+    assert e["training"]["setups"]["baseline"]["speedup_vs_baseline"] == 1.0
+    for section in ("training", "loss", "data", "inference"):
+        assert set(e[section]["conditions"]) == {"device", "torch", "threads", "image_size", "batch_size"}
+    assert {"bce", "dice", "outlier"} <= set(e["loss"]["terms"])
+    assert list(e["loss"]["outlier_by_j"]["seconds"]) == ["21", "41"]
+    assert e["data"]["loader"]["workers"] == 1 and e["data"]["ratio"] > 0 and "workers_needed" in e["data"]
+    assert e["inference"]["plain"]["slices_per_s"] > 0 and e["inference"]["tta"]["slices_per_s"] > 0
+    assert e["model"]["forward_gflop_per_image"] > 0
+    assert e["model"]["train_gflop_per_image"] == pytest.approx(3 * e["model"]["forward_gflop_per_image"], rel=1e-3)
+    assert "float32" in e["matmul_tflops"]
+    assert e["demo_repro"] == {"seconds": 123.0, "source": str(tmp_path / "demo_time.json")}
+    assert set(e["machine_load"]) == {"start", "end", "cpu_count", "busy"}
+
+
+def test_store_is_the_given_one_or_a_synthetic_one(tmp_path):
+    from lggseg.config import load_section
+    from lggseg.demo import generate_demo
+    from lggseg.manifest import build_manifest
+
+    params = read_params(_tiny_params(tmp_path))
+    cfg = bench.bench_config(params, demo_time_file=None)
+    with bench.open_store(cfg) as (store, source):
+        assert source == "synthetic demo store (3 cases)"
+        root = Path(store.root)
+        assert len(store.indices("train")) > 0
+    assert not root.exists()  # the temporary store is removed
+    raw = generate_demo(tmp_path / "raw", n_cases=3, seed=5)
+    build_manifest(raw, tmp_path / "manifest", load_section("common", params), load_section("manifest", params))
+    with bench.open_store(replace(cfg, data_dir=tmp_path / "manifest")) as (store, source):
+        assert source == str(tmp_path / "manifest") and len(store) > 0

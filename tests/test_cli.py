@@ -1,0 +1,76 @@
+"""The ``lggseg`` console script routes each sub-command to its module's ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+import lggseg.cli as cli
+from lggseg.cli import COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_console_script_is_declared_and_installed():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lggseg": "lggseg.cli:main"}
+    installed = [ep for ep in entry_points(group="console_scripts") if ep.name == "lggseg"]
+    assert installed and installed[0].value == "lggseg.cli:main"
+
+
+def test_every_command_module_has_main():
+    for name, (module, text) in COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+        assert text
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_commands_are_routed_with_their_arguments(monkeypatch, name):
+    module = importlib.import_module(COMMANDS[name][0])
+    calls = []
+    monkeypatch.setattr(module, "main", lambda argv=None: calls.append(argv) or 7)
+    assert main([name, "--x", "1"]) == 7
+    assert calls == [["--x", "1"]]
+
+
+def test_help_and_usage_errors(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "code", "needle"), [
+    (["predict", "--help"], 0, "--allow-missing-attributes"),
+    (["predict", "--model", "m"], 2, "required"),
+    (["predict", "--model", "m", "--input", "i", "--output", "o", "--device", "tpu"], 2, "invalid choice"),
+    (["demo", "--help"], 0, "--overrides"),
+])
+def test_subcommand_help_and_argument_errors_return_codes(capsys, argv, code, needle):
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    assert needle in captured.out + captured.err
+
+
+def test_demo_is_the_workspace_runner():
+    assert COMMANDS["demo"][0] == "lggseg.workspace"
+
+
+def test_runs_as_a_program_without_importing_torch():
+    code = "import sys, lggseg.cli as c; rc = c.main(['--help']); assert 'torch' not in sys.modules; sys.exit(rc)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "predict" in res.stdout and "demo" in res.stdout
+
+
+def test_module_entry(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lggseg", "--help"])
+    assert cli.main() == 0

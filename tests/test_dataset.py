@@ -1,0 +1,185 @@
+"""SliceDataset: item shapes/dtypes, ImageNet normalisation, resizing, and augmentation that is
+active only in training mode and a pure function of (seed, epoch, row)."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+
+from lggseg.config import AugmentConfig
+from lggseg.dataset import EpochSampler, SliceDataset, item_seed, normalize_image
+from lggseg.errors import DataError
+
+N, S, A = 6, 256, 5
+
+
+def _store(tmp_path=None) -> SimpleNamespace:
+    """A store shaped like lggseg.manifest's: random slices, a square tumour on odd rows."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, S, S, 3), dtype=np.uint8)
+    masks = np.zeros((N, S, S), np.uint8)
+    masks[1::2, 100:140, 60:120] = 1
+    attributes = rng.random((N, A)).astype(np.float32)
+    if tmp_path is not None:  # memmaps, as load_store opens them
+        np.save(tmp_path / "images.npy", images)
+        np.save(tmp_path / "masks.npy", masks)
+        images = np.load(tmp_path / "images.npy", mmap_mode="r")
+        masks = np.load(tmp_path / "masks.npy", mmap_mode="r")
+    return SimpleNamespace(images=images, masks=masks, attributes=attributes)
+
+
+ALWAYS = AugmentConfig(channel_dropout_p=1.0, color_jitter_p=1.0, brightness=0.3, contrast=0.3, saturation=0.3)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(
+    ("pixel", "expected"),
+    [
+        # (x/255 - mean) / std per channel, computed by hand
+        ((0, 0, 0), (-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225)),
+        ((255, 255, 255), ((1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225)),
+        ((51, 102, 204), ((0.2 - 0.485) / 0.229, (0.4 - 0.456) / 0.224, (0.8 - 0.406) / 0.225)),
+    ],
+)
+def test_normalize_image_values(pixel, expected):
+    img = np.empty((2, 3, 3), np.uint8)
+    img[:] = pixel
+    out = normalize_image(img)
+    assert out.shape == (3, 2, 3) and out.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(out[c], expected[c], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 1), np.uint8), np.zeros((4, 4, 3), np.float32)])
+def test_normalize_image_rejects(bad):
+    with pytest.raises(DataError, match="normalize_image"):
+        normalize_image(bad)
+
+
+# --------------------------------------------------------------------------- items
+
+
+@pytest.mark.parametrize("size", [256, 64])
+def test_item_shapes_and_types(size):
+    store = _store()
+    ds = SliceDataset(store, np.array([1, 4]), size, None)
+    assert len(ds) == 2
+    item = ds[0]
+    assert item["image"].shape == (3, size, size) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (1, size, size) and item["mask"].dtype == torch.float32
+    assert set(torch.unique(item["mask"]).tolist()) == {0.0, 1.0}
+    assert item["attributes"].dtype == torch.float32
+    np.testing.assert_array_equal(item["attributes"].numpy(), store.attributes[1])
+    assert item["row"].dtype == torch.int64 and int(item["row"]) == 1
+    assert int(ds[1]["row"]) == 4
+
+
+def test_eval_item_is_the_normalised_slice():
+    store = _store()
+    ds = SliceDataset(store, np.arange(N), S, None)
+    for k in (0, 3):
+        np.testing.assert_array_equal(ds[k]["image"].numpy(), normalize_image(store.images[k]))
+        np.testing.assert_array_equal(ds[k]["mask"].numpy()[0], store.masks[k].astype(np.float32))
+
+
+def test_resize_averages_image_and_keeps_mask_binary():
+    # 4x4 constant blocks: area downsampling to 64 maps each block to one pixel of its value.
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    store = _store()
+    store.images = np.repeat(np.repeat(blocks, 4, 0), 4, 1)[None].repeat(N, 0)
+    ds = SliceDataset(store, np.array([1]), 64, None)
+    item = ds[0]
+    np.testing.assert_allclose(item["image"].numpy(), normalize_image(blocks), atol=1e-6)
+    m = item["mask"].numpy()[0]
+    assert set(np.unique(m)) == {0.0, 1.0}
+    assert m.sum() == (40 // 4) * (60 // 4)  # the 40x60 square at a quarter of the size
+
+
+def test_bad_indices_are_rejected():
+    with pytest.raises(DataError, match="out of range"):
+        SliceDataset(_store(), np.array([0, N]), 64, None)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_no_augmentation_in_eval_mode():
+    ds = SliceDataset(_store(), np.arange(N), 64, None, seed=3)
+    a, b = ds[(2, 0)], ds[(2, 5)]
+    assert torch.equal(a["image"], b["image"])
+
+
+def test_augmentation_is_a_function_of_seed_epoch_row():
+    store = _store()
+    ds = SliceDataset(store, np.arange(N), 64, ALWAYS, seed=7)
+    twin = SliceDataset(store, np.arange(N), 64, ALWAYS, seed=7)
+    other = SliceDataset(store, np.arange(N), 64, ALWAYS, seed=8)
+    plain = SliceDataset(store, np.arange(N), 64, None)
+    first = ds[(3, 1)]["image"]
+    ds[(0, 0)]  # other items in between change nothing
+    assert torch.equal(first, ds[(3, 1)]["image"])
+    assert torch.equal(first, twin[(3, 1)]["image"])
+    assert not torch.equal(first, ds[(3, 2)]["image"])  # next epoch: new augmentation
+    assert not torch.equal(first, other[(3, 1)]["image"])  # other seed
+    assert not torch.equal(first, plain[3]["image"])  # augmented at all
+    ds.set_epoch(1)
+    assert torch.equal(first, ds[3]["image"])  # integer keys use set_epoch
+
+
+def test_channel_dropout_zeroes_one_channel_and_colour_leaves_the_mask():
+    store = _store()
+    cfg = AugmentConfig(channel_dropout_p=1.0, color_jitter_p=0.0)
+    ds = SliceDataset(store, np.arange(N), S, cfg, seed=0)
+    zero = normalize_image(np.zeros((1, 1, 3), np.uint8))[:, 0, 0]
+    for k in range(N):
+        item = ds[(k, 0)]
+        img = item["image"].numpy()
+        dropped = [c for c in range(3) if np.allclose(img[c], zero[c])]
+        assert len(dropped) == 1
+        np.testing.assert_array_equal(item["mask"].numpy()[0], store.masks[k])
+
+
+@pytest.mark.parametrize(("extra", "geometric"), [(False, False), (True, True)])
+def test_extra_augmentation_moves_the_mask_only_when_enabled(extra, geometric):
+    store = _store()
+    cfg = AugmentConfig(channel_dropout_p=0.0, color_jitter_p=0.0, extra=extra)
+    ds = SliceDataset(store, np.arange(N), S, cfg, seed=0)
+    moved = any(
+        not np.array_equal(ds[(k, e)]["mask"].numpy()[0], store.masks[k]) for k in (1, 3, 5) for e in range(4)
+    )
+    assert moved is geometric
+
+
+def test_workers_do_not_change_the_batches(tmp_path):
+    ds = SliceDataset(_store(tmp_path), np.arange(N), 64, ALWAYS, seed=11)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        sampler = EpochSampler(SequentialSampler(ds))
+        sampler.set_epoch(2)
+        loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers)
+        return [b["image"] for b in loader]
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pickling_sends_memmap_references_not_pixels(tmp_path):
+    ds = SliceDataset(_store(tmp_path), np.arange(N), 64, None)
+    blob = pickle.dumps(ds)
+    assert len(blob) < N * S * S  # far less than the pixels
+    clone = pickle.loads(blob)
+    assert isinstance(clone._images, np.memmap)
+    assert torch.equal(clone[4]["image"], ds[4]["image"])
+
+
+def test_item_seed_differs_between_coordinates():
+    seeds = {item_seed(s, e, r) for s in range(3) for e in range(3) for r in range(3)}
+    assert len(seeds) == 27

@@ -1,0 +1,287 @@
+"""Training on tiny synthetic data: outputs and logs, CPU determinism, a finished run is not redone,
+resumption after SIGKILL at several points gives the uninterrupted result, DDP with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lggseg.config import CommonConfig, ManifestConfig, RunConfig, deep_merge, read_params, resolve_variant
+from lggseg.demo import generate_demo
+from lggseg.manifest import build_manifest, load_store
+from lggseg.train import (
+    CHECKPOINT_DIR,
+    Checkpoint,
+    _flatten_optimizer,
+    _slice_dice_sums,
+    _unflatten_optimizer,
+    run_fingerprint,
+    train_all_seeds,
+    train_variant,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 5
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def tiny_run(epochs: int = 2, **train: object) -> RunConfig:
+    """The paper's full model (attributes, BCE + Dice + outlier) with a 0.1M-parameter encoder at 64 px."""
+    over = {
+        "common": {"image_size": 64, "device": "cpu"},
+        "model": {"encoder": "test_efficientnet", "pretrained": False, "decoder_channels": 32, "attribute_hidden": 16},
+        "loss": {"gamma_warmup_epochs": 1, "gamma_ramp_epochs": 0},
+        "train": {"epochs": epochs, "batch_size": 4, "num_workers": 0, "cpu_threads": 1, "log_every": 2, **train},
+        "seeds": [SEED],
+    }
+    return resolve_variant(deep_merge(read_params(REPO / "params.yaml"), over), "regnet_attr_bce_dice_outlier")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo3")
+    raw = generate_demo(root / "raw", 3, 23)
+    build_manifest(raw, root / "store", CommonConfig(image_size=64), ManifestConfig())
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def trained(store_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "seed_5"
+    return out, train_variant(tiny_run(), store_dir, out, SEED)
+
+
+def _tsv(out: Path, name: str) -> list[float]:
+    lines = (out / "dvclive" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:2] == ["step", name.split("/")[-1]]
+    return [float(line.split("\t")[1]) for line in lines[1:]]
+
+
+# --------------------------------------------------------------------------- unit pieces
+
+
+@pytest.mark.parametrize(
+    ("pred", "truth", "expected"),
+    [
+        ([[0, 0], [0, 0]], [[0, 0], [0, 0]], 1.0),  # empty/empty counts 1
+        ([[1, 0], [0, 0]], [[0, 0], [0, 0]], 0.0),  # false positive on an empty slice
+        ([[1, 1], [0, 0]], [[1, 0], [0, 0]], 2 * 1 / 3),
+        ([[1, 1], [1, 0]], [[1, 1], [0, 1]], 2 * 2 / 6),
+    ],
+)
+def test_slice_dice(pred, truth, expected):
+    logits = torch.tensor(pred, dtype=torch.float32)[None, None] * 2 - 1  # 1 -> +1 (p > 0.5), 0 -> -1
+    truth = torch.tensor(truth, dtype=torch.float32)[None, None]
+    assert float(_slice_dice_sums(logits, truth)) == pytest.approx(expected)
+    two = _slice_dice_sums(torch.cat([logits, logits]), torch.cat([truth, truth]))
+    assert float(two) == pytest.approx(2 * expected)  # a sum over slices, not a pooled Dice
+
+
+def test_optimizer_state_round_trip():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+    tensors, meta = _flatten_optimizer(opt)
+    meta = json.loads(json.dumps(meta))  # it really is JSON
+    fresh = torch.optim.Adam(net.parameters(), lr=0.5)
+    fresh.load_state_dict(_unflatten_optimizer(tensors, meta))
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 0.01
+    for pid in a["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][pid][key], b["state"][pid][key])
+
+
+def test_fingerprint_ignores_speed_settings_only():
+    base = run_fingerprint(tiny_run(), SEED, "data")
+    assert run_fingerprint(tiny_run(num_workers=3, cpu_threads=2, log_every=7), SEED, "data") == base
+    assert run_fingerprint(tiny_run(lr=0.01), SEED, "data") != base
+    assert run_fingerprint(tiny_run(), SEED + 1, "data") != base
+    assert run_fingerprint(tiny_run(), SEED, "other data") != base
+
+
+def test_checkpoint_commit_record_decides(tmp_path):
+    ckpt = Checkpoint(tmp_path)
+    record = {"format": 1, "fingerprint": "abc", "epoch": 1, "files": {"state": None, "best": None}}
+    files = ckpt.save(record, {"model.w": torch.ones(2)}, {"w": torch.ones(2)})
+    (ckpt.dir / "state_e0002.safetensors").write_bytes(b"half-written by a killed process")
+    assert ckpt.load("other config") is None
+    state = ckpt.load("abc")
+    assert state["epoch"] == 1 and torch.equal(state["tensors"]["model.w"], torch.ones(2))
+    ckpt.save({**record, "epoch": 2, "files": files}, {"model.w": torch.zeros(2)}, None)
+    names = sorted(p.name for p in ckpt.dir.iterdir())
+    assert names == ["best_e0001.safetensors", "state.json", "state_e0002.safetensors"]  # old state pruned
+    assert torch.equal(ckpt.load("abc")["tensors"]["model.w"], torch.zeros(2))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_writes_model_logs_and_result(trained, store_dir):
+    from lggseg.models import load_model
+
+    out, result = trained
+    assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+    assert not (out / CHECKPOINT_DIR).exists()
+    assert json.loads((out / "result.json").read_text()) == result
+    val = _tsv(out, "val/dice")
+    assert len(val) == 2 and len(_tsv(out, "train/loss")) == 2
+    assert _tsv(out, "gamma") == [0.0, 1.0]  # one warm-up epoch, then the full outlier weight
+    assert result["best_val_dice"] == pytest.approx(max(val))
+    assert result["best_epoch"] == int(np.argmax(val)) + 1
+    assert 0 <= result["best_val_dice"] <= 1 and result["images_per_second"] > 0
+
+    model, meta = load_model(out)
+    store = load_store(store_dir)
+    assert meta["attribute_names"] == store.attribute_names and meta["best_epoch"] == result["best_epoch"]
+    assert meta["run_config"]["variant"] == "regnet_attr_bce_dice_outlier" and meta["seed"] == SEED
+    # the saved weights are the best epoch's: recomputing the validation Dice gives best_val_dice
+    from lggseg.dataset import SliceDataset
+
+    ds = SliceDataset(store, store.indices("val"), 64, None)
+    batch = torch.utils.data.default_collate([ds[k] for k in range(len(ds))])
+    with torch.no_grad():
+        logits = model(batch["image"], batch["attributes"])
+    assert float(_slice_dice_sums(logits, batch["mask"])) / len(ds) == pytest.approx(result["best_val_dice"], abs=1e-6)
+
+
+def test_finished_run_is_returned_not_redone(trained, store_dir):
+    out, result = trained
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = train_variant(tiny_run(num_workers=1), store_dir, out, SEED)  # speed settings: same run
+    assert again == result
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert time.perf_counter() - t0 < 5
+
+
+def test_same_seed_same_metrics_and_weights_on_cpu(trained, store_dir, tmp_path):
+    out, result = trained
+    again = train_variant(tiny_run(), store_dir, tmp_path / "seed_5", SEED, resume=False)
+    assert again["final"] == result["final"] and again["best_val_dice"] == result["best_val_dice"]
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "seed_5" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_all_seeds_writes_summary(store_dir, tmp_path):
+    import dataclasses
+
+    run = dataclasses.replace(tiny_run(epochs=1), seeds=(1, 2))
+    summary = train_all_seeds(run, store_dir, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_1", "seed_2", "summary.json"]
+    dices = [summary["per_seed"][s]["best_val_dice"] for s in ("1", "2")]
+    assert summary["best_val_dice_mean"] == pytest.approx(np.mean(dices))
+    assert summary["best_val_dice_std"] == pytest.approx(np.std(dices, ddof=1))
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+# --------------------------------------------------------------------------- resumption after SIGKILL
+
+DRIVER = '''
+import os, signal, sys
+from pathlib import Path
+import torch
+import lggseg.train as T
+from lggseg.config import load_run_config
+
+cfg, store, out, point = sys.argv[1:5]
+kind, _, arg = point.partition(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if kind == "step":  # in the middle of an epoch: the arg-th optimizer step of this process
+    step, count = torch.optim.Adam.step, [0]
+    def patched(self, *a, **k):
+        count[0] += 1
+        if count[0] == int(arg):
+            die()
+        return step(self, *a, **k)
+    torch.optim.Adam.step = patched
+elif kind == "tensors":  # checkpoint tensors of epoch arg written, state.json not yet
+    save = T._save_tensors
+    def patched(path, tensors):
+        save(path, tensors)
+        if path.name == f"state_e{int(arg):04d}.safetensors":
+            die()
+    T._save_tensors = patched
+elif kind in ("commit", "final"):  # just after epoch arg's state.json / just before result.json
+    write = T.write_json
+    def patched(path, obj):
+        if kind == "final" and Path(path).name == "result.json":
+            die()
+        done = write(path, obj)
+        if kind == "commit" and Path(path).name == "state.json" and obj["epoch"] == int(arg):
+            die()
+        return done
+    T.write_json = patched
+T.train_variant(load_run_config(cfg), Path(store), Path(out), int(sys.argv[5]))
+'''
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(trained, store_dir, tmp_path):
+    ref_out, ref = trained
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run().to_dict()))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "seed_5"
+    # 2 epochs of 6 steps: die between epoch 1's tensor file and its commit, right after the commit
+    # (before DVCLive logged the epoch), mid-epoch 2, before result.json; then finish.
+    for point in ("tensors:1", "commit:1", "step:3", "final", "none"):
+        res = subprocess.run(
+            [sys.executable, str(driver), str(cfg), str(store_dir), str(out), point, str(SEED)],
+            capture_output=True, text=True, env=ENV, cwd=tmp_path,
+        )
+        expected = 0 if point == "none" else -9
+        assert res.returncode == expected, f"{point}: {res.stderr[-2000:]}"
+    result = json.loads((out / "result.json").read_text())
+    assert result["final"] == ref["final"]
+    assert (result["best_epoch"], result["best_val_dice"]) == (ref["best_epoch"], ref["best_val_dice"])
+    a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _tsv(out, "val/dice") == _tsv(ref_out, "val/dice")  # each epoch logged exactly once
+    assert not (out / CHECKPOINT_DIR).exists()
+
+
+# --------------------------------------------------------------------------- stage and DDP
+
+
+def _stage(args: list[str], launcher: list[str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(REPO / "stages" / "train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=cwd)
+
+
+def test_train_stage_rejects_a_config_of_another_variant(tmp_path, store_dir):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run().to_dict()))
+    res = _stage(["--variant", "unet_bce", "--config", str(cfg), "--data", str(store_dir), "--out", str(tmp_path / "m")])
+    assert res.returncode == 2
+    assert "not 'unet_bce'" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path, store_dir):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run(epochs=1).to_dict()))
+    out = tmp_path / "models"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--variant", "regnet_attr_bce_dice_outlier", "--config", str(cfg), "--data", str(store_dir), "--out", str(out)]
+    res = _stage(args, launcher, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / f"seed_{SEED}" / "result.json").read_text())
+    assert result["world_size"] == 2 and 0 <= result["best_val_dice"] <= 1
+    assert (out / f"seed_{SEED}" / "model.safetensors").is_file() and (out / "summary.json").is_file()
+    assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 1  # rank 0 alone logged
