@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint repro guard clean-demo
+.PHONY: install demo test test-fast lint repro bench guard clean-demo
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: install
 
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+bench: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro -f bench/dvc.yaml:bench
 
 guard:
 	$(BIN)/python -m pytest tests/test_repo_hygiene.py

@@ -139,7 +139,8 @@ def test_training_writes_model_logs_and_result(trained, store_dir):
     assert not (out / CHECKPOINT_DIR).exists()
     assert json.loads((out / "result.json").read_text()) == result
     val = _tsv(out, "val/dice")
-    assert len(val) == 2 and len(_tsv(out, "train/loss")) == 2
+    assert val == [row["val/dice"] for row in result["history"]]
+    assert len(_tsv(out, "train/loss")) == 2 and len(_tsv(out, "train/loss_outlier")) == 2
     assert _tsv(out, "gamma") == [0.0, 1.0]  # one warm-up epoch, then the full outlier weight
     assert result["best_val_dice"] == pytest.approx(max(val))
     assert result["best_epoch"] == int(np.argmax(val)) + 1
@@ -171,8 +172,11 @@ def test_finished_run_is_returned_not_redone(trained, store_dir):
 
 def test_same_seed_same_metrics_and_weights_on_cpu(trained, store_dir, tmp_path):
     out, result = trained
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     again = train_variant(tiny_run(), store_dir, tmp_path / "seed_5", SEED, resume=False)
-    assert again["final"] == result["final"] and again["best_val_dice"] == result["best_val_dice"]
+    assert again["history"] == result["history"] and again["best_val_dice"] == result["best_val_dice"]
+    # process-wide torch settings of the run (1 thread, deterministic algorithms) are undone
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "seed_5" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -181,6 +185,8 @@ def test_train_all_seeds_writes_summary(store_dir, tmp_path):
     import dataclasses
 
     run = dataclasses.replace(tiny_run(epochs=1), seeds=(1, 2))
+    (tmp_path / "seed_9").mkdir()  # a seed dropped from params.yaml since the last run
+    (tmp_path / "seed_9" / "model.safetensors").write_bytes(b"old")
     summary = train_all_seeds(run, store_dir, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed_1", "seed_2", "summary.json"]
     dices = [summary["per_seed"][s]["best_val_dice"] for s in ("1", "2")]
@@ -248,7 +254,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(trained, store_dir, tmp_
         expected = 0 if point == "none" else -9
         assert res.returncode == expected, f"{point}: {res.stderr[-2000:]}"
     result = json.loads((out / "result.json").read_text())
-    assert result["final"] == ref["final"]
+    assert result["history"] == ref["history"]
     assert (result["best_epoch"], result["best_val_dice"]) == (ref["best_epoch"], ref["best_val_dice"])
     a, b = load_file(str(ref_out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,4 +21,8 @@ class ModelError(LggsegError):
     """A model directory or weights file is missing, mismatched or unreadable."""
 
 
+class TrainingError(LggsegError):
+    """Training cannot go on as configured (e.g. the loss diverged)."""
+
+
 USER_ERRORS = (LggsegError, ConfigError)

@@ -34,7 +34,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lggseg.config import RunConfig
+from lggseg.config import ConfigError, RunConfig, TrainConfig
 from lggseg.dataset import EpochSampler, SliceDataset
-from lggseg.errors import DataError
+from lggseg.errors import DataError, TrainingError
 from lggseg.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("common.device is 'cuda' but torch sees no CUDA device")
+        raise ConfigError("common.device is 'cuda' but torch sees no CUDA device (use auto or cpu)")
     return torch.device("cuda", local_rank)
 
 
@@ -295,31 +296,6 @@ def _slice_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return dice.sum()
 
 
-def _build_model(run: RunConfig, n_attributes: int) -> nn.Module:
-    from lggseg.models import build_model
-
-    return build_model(run.model, n_attributes, run.common.image_size)
-
-
-def _make_loader(
-    ds: SliceDataset, batch_size: int, sampler: Any, run: RunConfig, info: DistInfo, seed: int, drop_last: bool
-) -> tuple[DataLoader, torch.Generator]:
-    gen = torch.Generator().manual_seed(seed)
-    workers = run.train.num_workers
-    loader = DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=seed_worker,
-        generator=gen,
-        drop_last=drop_last,
-    )
-    return loader, gen
-
-
 class _Logger:
     """DVCLive on rank 0 (no-op elsewhere); rebuilt from the checkpoint history on resume so the
     curves never hold an epoch twice or miss one, wherever the previous process died."""
@@ -360,269 +336,353 @@ def _store_fingerprint(store_dir: Path) -> Any:
 # --------------------------------------------------------------------------- training
 
 
+@contextmanager
+def _torch_settings(cfg: TrainConfig, cuda: bool) -> Iterator[None]:
+    """Process-wide torch switches for one training, restored afterwards (tests share a process)."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        if cfg.cpu_threads > 0:
+            torch.set_num_threads(cfg.cpu_threads)
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        else:
+            # CPU runs are exactly repeatable (and so resumable to the same result); GPU runs trade
+            # bitwise repeatability for speed.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
+
+
+class _Trainer:
+    """The state of one seed's training: data, network, optimizer, best weights, history."""
+
+    def __init__(self, run: RunConfig, store_dir: Path, out_dir: Path, seed: int, info: DistInfo, fingerprint: str):
+        from lggseg.losses import CompoundLoss
+        from lggseg.manifest import load_store
+
+        self.run, self.cfg, self.seed, self.info = run, run.train, seed, info
+        self.out_dir, self.fingerprint = out_dir, fingerprint
+        self.label = f"{run.variant} seed {seed}"
+        self.cuda = info.device.type == "cuda"
+        cfg = run.train
+
+        self.store = store = load_store(store_dir)
+        train_idx, val_idx = store.indices("train"), store.indices("val")
+        if len(val_idx) == 0:
+            raise DataError(f"{store_dir}: the val split is empty; training needs it to pick the best epoch")
+        if cfg.batch_size % info.world_size:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
+        if len(train_idx) < cfg.batch_size:
+            raise DataError(f"{store_dir}: {len(train_idx)} train slices, fewer than train.batch_size {cfg.batch_size}")
+        self.n_attributes = int(store.attributes.shape[1])
+        if run.model.attributes and self.n_attributes == 0:
+            raise DataError(f"{store_dir}: variant {run.variant} uses attributes but the store has none")
+        size = run.common.image_size
+        batch = cfg.batch_size // info.world_size
+
+        train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
+        # Each rank validates an interleaved share of the val slices; the sums are all-reduced.
+        val_ds = SliceDataset(store, val_idx[info.rank :: info.world_size], size, None)
+        # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
+        self.sampler = EpochSampler(
+            DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed, drop_last=True)
+        )
+        self.loader_gen = torch.Generator().manual_seed(seed)
+        # drop_last: no ragged last batch (BatchNorm on a batch of one fails; compiled graphs stay static)
+        self.train_loader = self._loader(train_ds, batch, self.sampler, drop_last=True)
+        self.val_loader = self._loader(val_ds, batch, None, drop_last=False)
+
+        from lggseg.models import build_model
+
+        torch.manual_seed(seed)  # the same initial weights on every rank and in every rerun
+        model = build_model(run.model, self.n_attributes, size)
+        if info.distributed:
+            torch.manual_seed(seed * 1000 + info.rank)  # but independent dropout / drop-path per rank
+        self.memory_format = torch.channels_last if (self.cuda and cfg.channels_last) else torch.contiguous_format
+        model = model.to(info.device, memory_format=self.memory_format)
+        if info.distributed and self.cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.loss_fn = CompoundLoss(run.loss).to(info.device)
+
+        self.net: nn.Module = torch.compile(model) if (cfg.compile and self.cuda) else model
+        self.train_net: nn.Module = self.net
+        if info.distributed:
+            self.train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=[info.device.index] if self.cuda else None)
+        self.autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (self.cuda and cfg.amp) else nullcontext()
+        )
+
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, float]] = []
+        self.best_dice, self.best_epoch = -1.0, 0
+        self.best_weights: dict[str, torch.Tensor] = {}
+        self.files: dict[str, str | None] = {"state": None, "best": None}
+        self.train_seconds, self.wall_seconds, self.images = 0.0, 0.0, 0
+
+    def _loader(self, ds: SliceDataset, batch: int, sampler: Any, drop_last: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.cuda,
+            persistent_workers=workers > 0,
+            worker_init_fn=seed_worker,
+            generator=self.loader_gen,
+            drop_last=drop_last,
+        )
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a committed checkpoint (an epoch boundary)."""
+        tensors, info = state["tensors"], self.info
+        self.model.load_state_dict(_strip("model.", tensors))
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        self.best_weights = state["best_tensors"]
+        self.epoch, self.history, self.files = state["epoch"], state["history"], state["files"]
+        self.best_dice, self.best_epoch = state["best_val_dice"], state["best_epoch"]
+        self.train_seconds, self.images = state["train_seconds"], state["train_images"]
+        self.wall_seconds = state.get("wall_seconds", self.train_seconds)
+        _set_python_rng_state(state["rng"]["python"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
+        self.loader_gen.set_state(tensors["rng.loader"])
+        if state["world_size"] == info.world_size:
+            torch.set_rng_state(tensors[f"rng.torch_cpu.rank{info.rank}"])
+            if self.cuda and f"rng.torch_cuda.rank{info.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.torch_cuda.rank{info.rank}"], info.device)
+        else:
+            log.warning("%s: checkpoint of %d processes resumed by %d; random streams restart",
+                        self.label, state["world_size"], info.world_size)
+            torch.manual_seed(self.seed * 1000 + self.epoch * 100 + info.rank)
+
+    def checkpoint(self, ckpt: Checkpoint, improved: bool) -> None:
+        """Commit the state after ``self.epoch`` (collective; rank 0 writes)."""
+        rng = _torch_rng_states(self.info)
+        if not self.info.is_main:
+            return
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer)
+        tensors = {
+            **_cpu_tensors("model.", self.model.state_dict()),
+            **_cpu_tensors("", opt_tensors),
+            **rng,
+            "rng.loader": self.loader_gen.get_state(),
+        }
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "variant": self.run.variant,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "world_size": self.info.world_size,
+            "best_val_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds,
+            "train_images": self.images,
+            "history": self.history,
+            "optimizer": opt_meta,
+            "rng": {"python": _python_rng_state(), "numpy": _numpy_rng_state()},
+            "files": self.files,
+        }
+        self.files = ckpt.save(record, tensors, self.best_weights if improved else None)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _to_device(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        dev = self.info.device
+        x = b["image"].to(dev, non_blocking=True, memory_format=self.memory_format)
+        y = b["mask"].to(dev, non_blocking=True)
+        a = b["attributes"].to(dev, non_blocking=True) if self.run.model.attributes else None
+        return x, y, a
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pass over the train split; returns device sums ``[loss*n, Dice, n]`` and per-term loss sums."""
+        self.sampler.set_epoch(epoch)
+        self.train_net.train()
+        sums = torch.zeros(3, device=self.info.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        steps = len(self.train_loader)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.info.is_main)
+        for step, b in enumerate(bar, 1):
+            x, y, a = self._to_device(b)
+            with self.autocast:
+                logits = self.train_net(x, a)
+            total, parts = self.loss_fn(logits, y, epoch=epoch)  # float32 inside, gamma schedule by epoch
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            n = x.shape[0]
+            sums[0] += total.detach() * n
+            sums[1] += _slice_dice_sums(logits, y)
+            sums[2] += n
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() * n
+            if step % self.cfg.log_every == 0 or step == steps:  # the loop's only host syncs
+                bar.set_postfix(loss=f"{(sums[0] / sums[2]).item():.4f}")
+        return sums, parts_sum
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> torch.Tensor:
+        """``[loss*n, Dice sum, n]`` over the val split, summed over all ranks."""
+        self.net.eval()
+        sums = torch.zeros(3, device=self.info.device)
+        for b in self.val_loader:
+            x, y, a = self._to_device(b)
+            with self.autocast:
+                logits = self.net(x, a)
+            total, _ = self.loss_fn(logits, y, epoch=epoch)
+            sums[0] += total * x.shape[0]
+            sums[1] += _slice_dice_sums(logits, y)
+            sums[2] += x.shape[0]
+        return _all_sum(self.info, sums)
+
+    def run_epoch(self, epoch: int, ckpt: Checkpoint, live: _Logger) -> None:
+        t0 = time.perf_counter()
+        sums, parts = self.train_epoch(epoch)
+        t_train = time.perf_counter() - t0
+        val = self.validate(epoch)
+        sums = _all_sum(self.info, sums)
+        names = sorted(parts)
+        part_sums = _all_sum(self.info, torch.stack([parts[k] for k in names])) if names else []
+        n = float(sums[2])
+        row = {
+            "epoch": epoch + 1,
+            "train/loss": float(sums[0]) / n,
+            "train/dice": float(sums[1]) / n,
+            "val/loss": float(val[0] / val[2]),
+            "val/dice": float(val[1] / val[2]),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "gamma": self.loss_fn.weights(epoch).get("outlier", 0.0),
+        }
+        row.update({f"train/loss_{k}": float(v) / n for k, v in zip(names, part_sums, strict=True)})  # unweighted eq. 13 terms
+        if not math.isfinite(row["train/loss"]):
+            raise TrainingError(f"{self.label}: the training loss became {row['train/loss']} in epoch {epoch + 1}; try a lower train.lr")
+        improved = row["val/dice"] > self.best_dice
+        if improved:
+            self.best_dice, self.best_epoch = row["val/dice"], epoch + 1
+            self.best_weights = _cpu_tensors("", self.model.state_dict())
+        self.epoch = epoch + 1
+        self.history.append(row)
+        self.train_seconds += t_train
+        self.images += int(n)
+        self.wall_seconds += time.perf_counter() - t0
+        self.checkpoint(ckpt, improved)
+        if self.info.is_main:
+            live.log(row)  # after the commit: a replayed epoch is never logged twice
+        _barrier(self.info)
+
+    # ------------------------------------------------------------------ the end
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "variant": self.run.variant,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "best_epoch": self.best_epoch,
+            "best_val_dice": self.best_dice,
+            "epochs": self.cfg.epochs,
+            "final": self.history[-1],
+            "history": self.history,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "train_seconds": round(self.train_seconds, 3),
+            "seconds_per_epoch": round(self.wall_seconds / len(self.history), 3),
+            "images_per_second": round(self.images / self.train_seconds, 2) if self.train_seconds > 0 else None,
+            "device": self.info.device.type,
+            "world_size": self.info.world_size,
+        }
+
+    def save_best(self, result: dict[str, Any]) -> None:
+        from lggseg.models import save_model
+
+        self.model.load_state_dict(self.best_weights)
+        meta = {
+            "run_config": self.run.to_dict(),
+            "seed": self.seed,
+            "attribute_names": list(self.store.attribute_names),
+            "n_attributes": self.n_attributes,
+            "image_size": self.run.common.image_size,
+            **{k: result[k] for k in ("best_epoch", "best_val_dice", "epochs", "wall_seconds", "train_seconds",
+                                      "images_per_second", "fingerprint")},
+        }
+        save_model(self.model, self.out_dir, meta)
+
+
 def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, resume: bool = True) -> dict[str, Any]:
-    """Train seed ``seed`` of ``run`` on the store in ``store_dir``; outputs go to ``out_dir``.
+    """Train seed ``seed`` of ``run`` on the manifest store ``store_dir`` into ``out_dir``.
 
-    Returns the result dict also written to ``out_dir/result.json``. With ``resume`` a finished run
-    is returned as stored and an interrupted one continues from its last epoch checkpoint.
+    Returns the result also written to ``out_dir/result.json`` (best epoch and val Dice, the
+    per-epoch history, timings). With ``resume`` a finished run is returned as stored and an
+    interrupted one continues from its last checkpoint; without, training starts over.
     """
-    from lggseg.losses import CompoundLoss
-    from lggseg.manifest import load_store
-    from lggseg.models import save_model
-
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     info = init_distributed(run.common.device)
     fingerprint = run_fingerprint(run, seed, _store_fingerprint(store_dir))
     ckpt = Checkpoint(out_dir)
     result_path = out_dir / RESULT_FILE
 
-    if resume and result_path.is_file():
+    if resume and result_path.is_file() and (out_dir / "model.safetensors").is_file():
         stored = json.loads(result_path.read_text())
-        if stored.get("fingerprint") == fingerprint and (out_dir / "model.safetensors").is_file():
-            if info.is_main:
-                ckpt.remove()
+        if stored.get("fingerprint") == fingerprint:
             _barrier(info)
+            if info.is_main:
+                ckpt.remove()  # left behind if the previous run died right after result.json
             return stored
     state = ckpt.load(fingerprint) if resume else None
-    _barrier(info)  # every rank has read the checkpoint before rank 0 may replace it
+    _barrier(info)  # every rank has read the checkpoint before rank 0 may delete it
     if info.is_main and state is None:
         ckpt.remove()
         result_path.unlink(missing_ok=True)
 
-    cfg = run.train
-    if cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
-    cuda = info.device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(seed + info.rank)
-
-    store = load_store(store_dir)
-    train_idx, val_idx = store.indices("train"), store.indices("val")
-    if len(val_idx) == 0:
-        raise DataError(f"{store_dir}: the val split is empty; training needs it to pick the best epoch")
-    if cfg.batch_size % info.world_size:
-        raise DataError(f"train.batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
-    batch = cfg.batch_size // info.world_size
-    if len(train_idx) < cfg.batch_size:
-        raise DataError(f"{store_dir}: {len(train_idx)} train slices, fewer than train.batch_size {cfg.batch_size}")
-    n_attr = int(store.attributes.shape[1]) if store.attributes.ndim == 2 else 0
-    if run.model.attributes and n_attr == 0:
-        raise DataError(f"{store_dir}: variant {run.variant} uses attributes but the store has none")
-    size = run.common.image_size
-
-    train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
-    # Each rank validates its own interleaved share of the val slices; sums are all-reduced.
-    val_ds = SliceDataset(store, val_idx[info.rank :: info.world_size], size, None)
-    sampler = EpochSampler(
-        DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed, drop_last=True)
-    )
-    train_loader, loader_gen = _make_loader(train_ds, batch, sampler, run, info, seed, drop_last=True)
-    val_loader, _ = _make_loader(val_ds, batch, None, run, info, seed, drop_last=False)
-
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = _build_model(run, n_attr)
-    memory_format = torch.channels_last if (cuda and cfg.channels_last) else torch.contiguous_format
-    model = model.to(info.device, memory_format=memory_format)
-    if info.distributed and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = CompoundLoss(run.loss)
-    if isinstance(loss_fn, nn.Module):
-        loss_fn = loss_fn.to(info.device)
-
-    history: list[dict[str, float]] = []
-    start_epoch, best_dice, best_epoch = 0, -1.0, -1
-    best_weights: dict[str, torch.Tensor] = {}
-    files: dict[str, str | None] = {"state": None, "best": None}
-    seconds, images = 0.0, 0
-    if state is not None:
-        tensors = state["tensors"]
-        model.load_state_dict(_strip("model.", tensors))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-        best_weights = state["best_tensors"]
-        start_epoch, best_dice, best_epoch = state["epoch"], state["best_val_dice"], state["best_epoch"]
-        history, files = state["history"], state["files"]
-        seconds, images = state["train_seconds"], state["train_images"]
-        _set_python_rng_state(state["rng"]["python"])
-        _set_numpy_rng_state(state["rng"]["numpy"])
-        loader_gen.set_state(tensors["rng.loader"])
-        if state["world_size"] == info.world_size:
-            torch.set_rng_state(tensors[f"rng.torch_cpu.rank{info.rank}"])
-            if cuda and f"rng.torch_cuda.rank{info.rank}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.torch_cuda.rank{info.rank}"], info.device)
-        else:
-            log.warning("checkpoint was written by %d processes, now %d: random streams restart", state["world_size"], info.world_size)
-            torch.manual_seed(seed + start_epoch * 1000 + info.rank)
-        del state
-
-    net: nn.Module = model
-    if cfg.compile and cuda:
-        net = torch.compile(model)
-    train_net: nn.Module = net
-    if info.distributed:
-        train_net = nn.parallel.DistributedDataParallel(net, device_ids=[info.device.index] if cuda else None)
-
-    use_attr = run.model.attributes
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else nullcontext()
-    )
-
-    def to_device(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        x = b["image"].to(info.device, non_blocking=True, memory_format=memory_format)
-        y = b["mask"].to(info.device, non_blocking=True)
-        a = b["attributes"].to(info.device, non_blocking=True) if use_attr else None
-        return x, y, a
-
-    live = _Logger(
-        out_dir,
-        info.is_main,
-        {"variant": run.variant, "seed": seed, "encoder": run.model.encoder, "image_size": size, "epochs": cfg.epochs,
-         "batch_size": cfg.batch_size, "lr": cfg.lr, "world_size": info.world_size, "device": info.device.type},
-        history,
-    )
-    label = f"{run.variant} seed {seed}"
-    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc=label, unit="epoch", disable=not info.is_main,
-                      initial=start_epoch, total=cfg.epochs)
-    for epoch in epochs_bar:
-        t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        train_net.train()
-        sums = torch.zeros(3, device=info.device)  # loss*n, dice sum, n
-        part_sums: dict[str, torch.Tensor] = {}
-        steps = len(train_loader)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not info.is_main)
-        for step, b in enumerate(bar, 1):
-            x, y, a = to_device(b)
-            with autocast:
-                logits = train_net(x, a)
-            total, parts = loss_fn(logits.float(), y, epoch=epoch)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            n = x.shape[0]
-            sums[0] += total.detach() * n
-            sums[1] += _slice_dice_sums(logits, y)
-            sums[2] += n
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0) + torch.as_tensor(v).detach().float() * n
-            if step % cfg.log_every == 0 or step == steps:  # the only host syncs of the loop
-                bar.set_postfix(loss=f"{(sums[0] / sums[2]).item():.4f}")
-        train_time = time.perf_counter() - t0
-
-        val_sums = evaluate_loader(net, val_loader, loss_fn, epoch, to_device, autocast, info)
-        totals = _all_sum(info, sums)
-        parts_tot = _all_sum(info, torch.stack([part_sums[k] for k in sorted(part_sums)])) if part_sums else None
-        train_loss = float(totals[0] / totals[2])
-        if not math.isfinite(train_loss):
-            raise RuntimeError(f"{label}: the training loss became {train_loss} in epoch {epoch + 1}; try a lower train.lr")
-        val_dice = float(val_sums[1] / val_sums[2])
-        row = {
-            "epoch": epoch + 1,
-            "train/loss": train_loss,
-            "train/dice": float(totals[1] / totals[2]),
-            "val/loss": float(val_sums[0] / val_sums[2]),
-            "val/dice": val_dice,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "gamma": run.loss.gamma_at(epoch) if "outlier" in run.loss.terms else 0.0,
-        }
-        if parts_tot is not None:
-            for k, v in zip(sorted(part_sums), parts_tot, strict=True):
-                row[f"train/loss_{k}"] = float(v / totals[2])  # unweighted term of eq. 13
-        seconds += train_time
-        images += int(totals[2])
-        history.append(row)
-        improved = val_dice > best_dice
-        if improved:
-            best_dice, best_epoch = val_dice, epoch + 1
-            best_weights = _cpu_tensors("", model.state_dict())
-
-        # Collective calls first (every rank), then rank 0 writes.
-        rng_tensors = _torch_rng_states(info)
+    with _torch_settings(run.train, info.device.type == "cuda"):
+        seed_everything(seed + info.rank)
+        trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint)
+        if state is not None:
+            trainer.restore(state)
+            del state
+        params = {"variant": run.variant, "seed": seed, "encoder": run.model.encoder, "image_size": run.common.image_size,
+                  "epochs": run.train.epochs, "batch_size": run.train.batch_size, "lr": run.train.lr,
+                  "world_size": info.world_size, "device": info.device.type}
+        live = _Logger(out_dir, info.is_main, params, trainer.history)
+        bar = tqdm(range(trainer.epoch, run.train.epochs), desc=trainer.label, unit="epoch",
+                   initial=trainer.epoch, total=run.train.epochs, disable=not info.is_main)
+        for epoch in bar:
+            trainer.run_epoch(epoch, ckpt, live)
+            bar.set_postfix(val_dice=f"{trainer.history[-1]['val/dice']:.4f}", best=f"{trainer.best_dice:.4f}")
+        result = trainer.result()
         if info.is_main:
-            tensors = {**_cpu_tensors("model.", model.state_dict()), **rng_tensors, "rng.loader": loader_gen.get_state()}
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-            tensors.update(_cpu_tensors("", opt_tensors))
-            record = {
-                "format": CHECKPOINT_FORMAT,
-                "fingerprint": fingerprint,
-                "variant": run.variant,
-                "seed": seed,
-                "epoch": epoch + 1,
-                "world_size": info.world_size,
-                "best_val_dice": best_dice,
-                "best_epoch": best_epoch,
-                "train_seconds": seconds,
-                "train_images": images,
-                "history": history,
-                "optimizer": opt_meta,
-                "rng": {"python": _python_rng_state(), "numpy": _numpy_rng_state()},
-                "files": files,
-            }
-            files = ckpt.save(record, tensors, best_weights if improved else None)
-            live.log(row)
+            trainer.save_best(result)
+            write_json(result_path, result)  # the completion marker, after the model
+            ckpt.remove()
+            live.end()
         _barrier(info)
-        epochs_bar.set_postfix(val_dice=f"{val_dice:.4f}", best=f"{best_dice:.4f}")
-
-    result = {
-        "variant": run.variant,
-        "seed": seed,
-        "fingerprint": fingerprint,
-        "best_epoch": best_epoch,
-        "best_val_dice": best_dice,
-        "epochs": cfg.epochs,
-        "final": history[-1],
-        "train_seconds": round(seconds, 3),
-        "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
-        "seconds_per_epoch": round(seconds / len(history), 3) if history else None,
-        "device": info.device.type,
-        "world_size": info.world_size,
-    }
-    if info.is_main:
-        model.load_state_dict({k: v.to(info.device) for k, v in best_weights.items()})
-        meta = {
-            "run_config": run.to_dict(),
-            "seed": seed,
-            "attribute_names": list(store.attribute_names),
-            "n_attributes": n_attr,
-            "image_size": size,
-            "best_epoch": best_epoch,
-            "best_val_dice": best_dice,
-            "epochs": cfg.epochs,
-            "train_seconds": result["train_seconds"],
-            "images_per_second": result["images_per_second"],
-            "fingerprint": fingerprint,
-        }
-        save_model(model.to("cpu"), out_dir, meta)
-        write_json(result_path, result)
-        ckpt.remove()
-        live.end()
-    _barrier(info)
     return result
 
 
-@torch.no_grad()
-def evaluate_loader(net, loader, loss_fn, epoch, to_device, autocast, info: DistInfo) -> torch.Tensor:
-    """``[loss * n, Dice sum, n]`` over ``loader``, summed over all ranks."""
-    net.eval()
-    sums = torch.zeros(3, device=info.device)
-    for b in loader:
-        x, y, a = to_device(b)
-        with autocast:
-            logits = net(x, a)
-        total, _ = loss_fn(logits.float(), y, epoch=epoch)
-        n = x.shape[0]
-        sums[0] += total.detach() * n
-        sums[1] += _slice_dice_sums(logits, y)
-        sums[2] += n
-    return _all_sum(info, sums)
-
-
 def train_all_seeds(run: RunConfig, store_dir: Path, models_dir: Path, resume: bool = True) -> dict[str, Any]:
-    """Train every seed of ``run.seeds`` into ``models_dir/seed_<s>/``; write ``models_dir/summary.json``."""
+    """Train every seed of ``run.seeds`` into ``models_dir/seed_<s>/``; write ``models_dir/summary.json``.
+
+    ``seed_<s>/`` folders of seeds no longer in ``run.seeds`` are removed first, so that a kept
+    output folder (DVC ``persist: true``, needed to resume inside ``dvc repro``) holds exactly the
+    models that evaluation should read.
+    """
     models_dir = Path(models_dir)
+    if int(os.environ.get("RANK", "0")) == 0 and models_dir.is_dir():
+        wanted = {f"seed_{s}" for s in run.seeds}
+        for stale in models_dir.glob("seed_*"):
+            if stale.is_dir() and stale.name not in wanted:
+                shutil.rmtree(stale)
     results = {str(s): train_variant(run, store_dir, models_dir / f"seed_{s}", s, resume=resume) for s in run.seeds}
     dices = np.array([r["best_val_dice"] for r in results.values()], dtype=float)
     summary = {
@@ -630,7 +690,7 @@ def train_all_seeds(run: RunConfig, store_dir: Path, models_dir: Path, resume: b
         "seeds": list(run.seeds),
         "best_val_dice_mean": float(dices.mean()),
         "best_val_dice_std": float(dices.std(ddof=1)) if len(dices) > 1 else 0.0,
-        "per_seed": results,
+        "per_seed": {s: {k: v for k, v in r.items() if k != "history"} for s, r in results.items()},
     }
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(models_dir / "summary.json", summary)
