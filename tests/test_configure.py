@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lggseg.config import load_run_config, read_params, resolve_variant
+from lggseg.config import deep_merge, load_run_config, read_params, resolve_variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 from configure import canonical  # noqa: E402
@@ -88,3 +88,11 @@ def test_invalid_params_exit_2_before_writing(tmp_path):
     assert res.returncode == 2
     assert "loss.i" in res.stderr and res.stderr.count("\n") == 1
     assert not out.exists() or not list(out.glob("*.yaml"))
+
+
+def test_cpu_profile_overrides_validate(tmp_path):
+    params = deep_merge(read_params(REPO / "params.yaml"), read_params(REPO / "params.cpu.yaml"))
+    out = tmp_path / "configs"
+    assert _configure(_write(tmp_path / "params.yaml", params), out).returncode == 0
+    run = load_run_config(out / "regnet_attr_bce_dice.yaml")
+    assert (run.common.image_size, run.common.device, run.model.pretrained) == (64, "cpu", False)
