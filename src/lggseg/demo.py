@@ -38,18 +38,13 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from lggseg.config import CLUSTER_COLUMNS
 from lggseg.io import atomic_dir
 
 SIZE = 256
 DATA_COLUMNS = (
     "Patient",
-    "RNASeqCluster",
-    "MethylationCluster",
-    "miRNACluster",
-    "CNCluster",
-    "RPPACluster",
-    "OncosignCluster",
-    "COCCluster",
+    *CLUSTER_COLUMNS,
     "histological_type",
     "neoplasm_histologic_grade",
     "tumor_tissue_site",

@@ -35,6 +35,7 @@ from lggseg import manifest, plotting
 from lggseg.config import ConfigError, RunConfig, load_section, resolve_variant, variant_names
 from lggseg.errors import DataError
 from lggseg.io import write_text
+from lggseg.metrics import SUMMARY_KEYS
 
 # --------------------------------------------------------------------------- paper numbers
 
@@ -118,18 +119,8 @@ TABLE_NOTES = {
 
 # --------------------------------------------------------------------------- metrics files
 
-SCALAR_KEYS = (
-    "dice_slice_mean",
-    "iou_slice_mean",
-    "dice_tumour_slices",
-    "dice_patient_3d",
-    "dice_micro",
-    "hd95_px",
-    "empty_fp_rate",
-    "noise_components_per_slice",
-    "n_test_slices",
-    "n_test_patients",
-)
+# The scalar keys the evaluate stage writes (its intervals and the HD95 bookkeeping count aside).
+SCALAR_KEYS = tuple(k for k in SUMMARY_KEYS if not k.endswith("_ci95") and k != "hd95_n_undefined")
 FRACTION_KEYS = frozenset(
     {"dice_slice_mean", "iou_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate"}
 )
