@@ -16,7 +16,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lggseg.config import CommonConfig, ManifestConfig, RunConfig, deep_merge, read_params, resolve_variant
+from lggseg.config import (
+    CommonConfig,
+    LossConfig,
+    ManifestConfig,
+    RunConfig,
+    TrainConfig,
+    deep_merge,
+    read_params,
+    resolve_variant,
+)
 from lggseg.demo import generate_demo
 from lggseg.manifest import build_manifest, load_store
 from lggseg.train import (
@@ -25,8 +34,11 @@ from lggseg.train import (
     _flatten_optimizer,
     _slice_dice_sums,
     _unflatten_optimizer,
+    applied,
     run_fingerprint,
+    step_setup,
     train_all_seeds,
+    train_step,
     train_variant,
 )
 
@@ -291,3 +303,67 @@ def test_ddp_two_gloo_processes(tmp_path, store_dir):
     assert result["world_size"] == 2 and 0 <= result["best_val_dice"] <= 1
     assert (out / f"seed_{SEED}" / "model.safetensors").is_file() and (out / "summary.json").is_file()
     assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 1  # rank 0 alone logged
+
+
+# --------------------------------------------------------------------------- the training step
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("native", "amp", "channels_last", "bf16_on", "cl_on"),
+    [
+        (True, True, True, True, True),  # AVX512-BF16 / AMX: the fast path
+        (True, True, False, True, False),
+        (True, False, True, False, False),  # channels_last alone was slower on CPU
+        (False, True, True, False, False),  # emulated bf16 is slower than float32
+    ],
+)
+def test_cpu_step_setup(monkeypatch, native, amp, channels_last, bf16_on, cl_on):
+    import lggseg.train as T
+
+    monkeypatch.setattr(T, "cpu_bf16", lambda: {"supported": True, "native": native})
+    s = step_setup(TrainConfig(amp=amp, channels_last=channels_last, compile=True, cpu_threads=3), CPU)
+    assert (s.bf16, s.channels_last) == (bf16_on, cl_on)
+    # deterministic (resumable to the same weights), never compiled, the configured threads
+    assert (s.deterministic, s.compile, s.cudnn_benchmark, s.threads) == (True, False, False, 3)
+
+
+def test_cuda_step_setup_follows_the_config():
+    s = step_setup(TrainConfig(amp=True, channels_last=False, compile=True), torch.device("cuda"))
+    assert (s.bf16, s.channels_last, s.compile, s.cudnn_benchmark, s.deterministic) == (True, False, True, True, False)
+
+
+def test_applied_restores_global_switches():
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    setup = step_setup(TrainConfig(cpu_threads=threads + 1), CPU)
+    with applied(setup, CPU):
+        assert torch.get_num_threads() == threads + 1
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() is det
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, image, attributes=None):
+        return self.conv(image)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_train_step_updates_the_weights_with_a_float32_loss(bf16):
+    from lggseg.losses import CompoundLoss
+
+    torch.manual_seed(0)
+    model = _Conv()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = model.conv.weight.detach().clone()
+    x, y = torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float()
+    logits, total, parts = train_step(model, opt, CompoundLoss(LossConfig(terms=("bce", "dice"))), x, y, None, 0, bf16)
+    assert logits.shape == (2, 1, 16, 16) and logits.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert set(parts) == {"bce", "dice"}
+    assert not torch.equal(before, model.conv.weight)

@@ -83,7 +83,9 @@ from lggseg.config import (
     read_params,
 )
 from lggseg.errors import USER_ERRORS, DataError
+from lggseg.hardware import cpu_bf16, cpu_name
 from lggseg.io import write_json
+from lggseg.train import StepSetup, applied, step_setup, train_step
 
 DATA_RATIO_TARGET = 1.5
 """The DataLoader must deliver at least this many times the images the training step consumes."""
@@ -215,36 +217,6 @@ def bench_config(
 # --------------------------------------------------------------------------- device facts
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(m.group(1).split()) if m else set()
-
-
-def cpu_name() -> str:
-    try:
-        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if m:
-            return " ".join(m.group(1).split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-def cpu_bf16() -> dict[str, bool]:
-    """Whether oneDNN runs bf16 on this CPU, and whether natively (AVX512-BF16 / AMX) or emulated."""
-    flags = _cpu_flags()
-    native = bool({"avx512_bf16", "amx_bf16"} & flags)
-    try:
-        supported = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        supported = native
-    return {"supported": supported or native, "native": native}
-
-
 def device_info(device: torch.device) -> dict[str, Any]:
     """Name, software versions and thread settings: the conditions every figure is measured under."""
     info: dict[str, Any] = {
@@ -366,38 +338,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 
 # --------------------------------------------------------------------------- the training step
 
 
-@dataclass(frozen=True)
-class StepSetup:
-    """One way of running the training step; everything that changes its speed, nothing else."""
-
-    name: str
-    bf16: bool = False  # autocast of the forward pass (the loss is float32 in every case)
-    channels_last: bool = False
-    compile: bool = False
-    cudnn_benchmark: bool = False
-    deterministic: bool = False  # torch.use_deterministic_algorithms (what train does on CPU)
-    threads: int = 0  # torch.set_num_threads; 0 keeps the default
-
-    def knobs(self) -> tuple:
-        return dataclasses.astuple(self)[1:]
-
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
-
-
-def our_setup(train: TrainConfig, device: torch.device) -> StepSetup:
-    """The set-up :func:`lggseg.train.train_variant` uses on ``device`` (keep the two in step)."""
-    if device.type == "cuda":
-        return StepSetup("ours", bf16=train.amp, channels_last=train.channels_last, compile=train.compile,
-                         cudnn_benchmark=True)
-    return StepSetup("ours", deterministic=True, threads=train.cpu_threads)
-
-
 def candidate_setups(train: TrainConfig, device: torch.device, bench: BenchParams) -> list[StepSetup]:
     """Baseline, ours and the candidates worth trying on ``device``; duplicates dropped (first name wins)."""
     cuda = device.type == "cuda"
     bf16_ok = bool(torch.cuda.is_bf16_supported()) if cuda else cpu_bf16()["supported"]
-    setups = [StepSetup("baseline"), our_setup(train, device)]
+    setups = [StepSetup("baseline"), step_setup(train, device)]
     if not bench.candidates:
         return _unique(setups)
     setups.append(StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda))
@@ -417,46 +362,6 @@ def _unique(setups: list[StepSetup]) -> list[StepSetup]:
     for s in setups:
         unique.setdefault(s.knobs(), s)
     return list(unique.values())
-
-
-@contextlib.contextmanager
-def applied(setup: StepSetup, device: torch.device) -> Iterator[None]:
-    """Set the process-wide switches of ``setup`` and restore them afterwards."""
-    threads = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    bench_flag = torch.backends.cudnn.benchmark
-    try:
-        if setup.threads > 0:
-            torch.set_num_threads(setup.threads)
-        torch.use_deterministic_algorithms(setup.deterministic, warn_only=True)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = setup.cudnn_benchmark
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(det, warn_only=det_warn)
-        torch.backends.cudnn.benchmark = bench_flag
-
-
-def training_step(
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]],
-    x: Tensor,
-    y: Tensor,
-    a: Tensor | None,
-    epoch: int,
-    bf16: bool,
-) -> Tensor:
-    """One optimisation step exactly as the loop of :func:`lggseg.train.train_variant` runs it."""
-    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = net(x, a)
-    total, _ = loss_fn(logits.float(), y, epoch=epoch)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
-    return total
 
 
 @dataclass
@@ -534,7 +439,7 @@ def bench_training(
         replica = copy.deepcopy(model)
         net, optimizer, fmt = _prepare(replica, init, setup, lr, device)
         x = batch.image.contiguous(memory_format=fmt)
-        step = functools.partial(training_step, net, optimizer, loss_fn, x, batch.mask, batch.attributes, epoch, setup.bf16)
+        step = functools.partial(train_step, net, optimizer, loss_fn, x, batch.mask, batch.attributes, epoch, setup.bf16)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         with applied(setup, device):
             first = _timed_once(step, device)  # includes cudnn autotuning / compilation
@@ -739,7 +644,7 @@ def bench_loop(model: nn.Module, init: Mapping[str, Tensor], cfg: BenchConfig, s
             x = b["image"].to(device, non_blocking=True, memory_format=fmt)
             y = b["mask"].to(device, non_blocking=True)
             a = b["attributes"].to(device, non_blocking=True) if use_attr else None
-            training_step(net, optimizer, loss_fn, x, y, a, epoch, setup.bf16)
+            train_step(net, optimizer, loss_fn, x, y, a, epoch, setup.bf16)
 
         first = _timed_once(one, device)  # worker start-up, autotuning, compilation
         for _ in range(profile.warmup):
@@ -933,7 +838,7 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
             for entry in training.values():
                 entry["speedup_vs_baseline"] = _r(entry["images_per_s"] / base_ips, 3)
             best = max(training, key=lambda n: training[n]["images_per_s"])
-            ours = next(s.name for s in setups if s.knobs() == our_setup(cfg.train, dev).knobs())
+            ours = next(s.name for s in setups if s.knobs() == step_setup(cfg.train, dev).knobs())
             by_name = {s.name: s for s in setups}
             variants = loop_variants(by_name[best], by_name[ours], dev, cfg.train.num_workers)
             progress.total += len(variants)

@@ -245,8 +245,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     num_workers: int = 2
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # on CUDA
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
+    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.train.step_setup)
     compile: bool = False  # torch.compile on CUDA
     cpu_threads: int = 0  # 0: leave torch's default
     log_every: int = 20  # steps between host syncs for logging

@@ -26,6 +26,7 @@ Reproducibility and resumption
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,8 +35,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from tqdm.auto import tqdm
 from lggseg.config import ConfigError, RunConfig, TrainConfig
 from lggseg.dataset import EpochSampler, SliceDataset
 from lggseg.errors import DataError, TrainingError
+from lggseg.hardware import cpu_bf16
 from lggseg.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -336,9 +338,50 @@ def _store_fingerprint(store_dir: Path) -> Any:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class StepSetup:
+    """How the training step runs: everything that changes its speed and nothing else.
+
+    :func:`step_setup` gives the one training uses; the benchmark (:mod:`lggseg.bench`) times it
+    against a plain float32 baseline and other candidates built from the same fields.
+    """
+
+    name: str
+    bf16: bool = False  # autocast of the forward pass (the loss is float32 in every case)
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    threads: int = 0  # torch.set_num_threads; 0 keeps the default
+
+    def knobs(self) -> tuple:
+        return dataclasses.astuple(self)[1:]
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+def step_setup(cfg: TrainConfig, device: torch.device, name: str = "ours") -> StepSetup:
+    """The set-up of the training step on ``device`` under ``cfg``.
+
+    CUDA: bf16 autocast (``train.amp``), channels_last, optional ``torch.compile`` and cuDNN
+    autotuning (fixed input size); bitwise repeatability is traded for speed.
+    CPU: deterministic algorithms, so that a CPU run, and a resumed one, repeats exactly. bf16
+    autocast and channels_last only on CPUs with native bf16 (AVX512-BF16 or AMX), where together
+    they made the 256x256 step of regnetz_040 1.9x faster; emulated bf16 is slower than float32,
+    and channels_last alone was slower at 64x64.
+    """
+    if device.type == "cuda":
+        return StepSetup(name, bf16=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
+                         cudnn_benchmark=True)
+    native = cpu_bf16()["native"]
+    return StepSetup(name, bf16=cfg.amp and native, channels_last=cfg.channels_last and cfg.amp and native,
+                     deterministic=True, threads=cfg.cpu_threads)
+
+
 @contextmanager
-def _torch_settings(cfg: TrainConfig, cuda: bool) -> Iterator[None]:
-    """Process-wide torch switches for one training, restored afterwards (tests share a process)."""
+def applied(setup: StepSetup, device: torch.device) -> Iterator[None]:
+    """Set the process-wide switches of ``setup``, restored afterwards (tests share a process)."""
     saved = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
@@ -346,19 +389,40 @@ def _torch_settings(cfg: TrainConfig, cuda: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark,
     )
     try:
-        if cfg.cpu_threads > 0:
-            torch.set_num_threads(cfg.cpu_threads)
-        if cuda:
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        else:
-            # CPU runs are exactly repeatable (and so resumable to the same result); GPU runs trade
-            # bitwise repeatability for speed.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        if setup.threads > 0:
+            torch.set_num_threads(setup.threads)
+        torch.use_deterministic_algorithms(setup.deterministic, warn_only=True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = setup.cudnn_benchmark
         yield
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
         torch.backends.cudnn.benchmark = saved[3]
+
+
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor | None,
+    epoch: int,
+    bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step: forward (bf16 autocast if asked), float32 loss, backward, Adam.
+
+    ``x`` is ``(B, 3, H, W)``, ``y`` ``(B, 1, H, W)`` in {0, 1}, ``a`` ``(B, A)`` or None. Returns
+    the logits, the total loss and its terms, all still on the device (no host sync here).
+    """
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x, a)
+    total, parts = loss_fn(logits.float(), y, epoch=epoch)  # gamma schedule by epoch
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return logits, total, parts
 
 
 class _Trainer:
@@ -406,7 +470,8 @@ class _Trainer:
         model = build_model(run.model, self.n_attributes, size)
         if info.distributed:
             torch.manual_seed(seed * 1000 + info.rank)  # but independent dropout / drop-path per rank
-        self.memory_format = torch.channels_last if (self.cuda and cfg.channels_last) else torch.contiguous_format
+        self.setup = step_setup(cfg, info.device)
+        self.memory_format = torch.channels_last if self.setup.channels_last else torch.contiguous_format
         model = model.to(info.device, memory_format=self.memory_format)
         if info.distributed and self.cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small
@@ -414,13 +479,14 @@ class _Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.loss_fn = CompoundLoss(run.loss).to(info.device)
 
-        self.net: nn.Module = torch.compile(model) if (cfg.compile and self.cuda) else model
+        self.net: nn.Module = torch.compile(model) if self.setup.compile else model
         self.train_net: nn.Module = self.net
         if info.distributed:
             self.train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=[info.device.index] if self.cuda else None)
-        self.autocast = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (self.cuda and cfg.amp) else nullcontext()
-        )
+        # Validation runs at the precision of lggseg.predict (bf16 on CUDA, float32 on CPU), so the
+        # stored best_val_dice is what inference with the saved weights reproduces.
+        self.val_autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16,
+                                           enabled=self.setup.bf16 and self.cuda)
 
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []
@@ -517,12 +583,7 @@ class _Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.info.is_main)
         for step, b in enumerate(bar, 1):
             x, y, a = self._to_device(b)
-            with self.autocast:
-                logits = self.train_net(x, a)
-            total, parts = self.loss_fn(logits, y, epoch=epoch)  # float32 inside, gamma schedule by epoch
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.optimizer.step()
+            logits, total, parts = train_step(self.train_net, self.optimizer, self.loss_fn, x, y, a, epoch, self.setup.bf16)
             n = x.shape[0]
             sums[0] += total.detach() * n
             sums[1] += _slice_dice_sums(logits, y)
@@ -540,9 +601,9 @@ class _Trainer:
         sums = torch.zeros(3, device=self.info.device)
         for b in self.val_loader:
             x, y, a = self._to_device(b)
-            with self.autocast:
+            with self.val_autocast:
                 logits = self.net(x, a)
-            total, _ = self.loss_fn(logits, y, epoch=epoch)
+            total, _ = self.loss_fn(logits.float(), y, epoch=epoch)
             sums[0] += total * x.shape[0]
             sums[1] += _slice_dice_sums(logits, y)
             sums[2] += x.shape[0]
@@ -645,7 +706,7 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
         ckpt.remove()
         result_path.unlink(missing_ok=True)
 
-    with _torch_settings(run.train, info.device.type == "cuda"):
+    with applied(step_setup(run.train, info.device), info.device):
         seed_everything(seed + info.rank)
         trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint)
         if state is not None:
