@@ -8,6 +8,8 @@ real pipeline are never written. Inside ``demo/`` the usual DVC workflow works, 
     cd demo && dvc exp run -S loss.gamma=0.5 && dvc metrics diff && dvc exp show
 
 A second ``make demo`` re-syncs changed project files and lets DVC skip what is up to date.
+``--prepare-only`` builds the workspace without running it, for other profiles such as
+``params.cpu.yaml`` where one runs chosen targets (``dvc repro evaluate@<variant>``).
 """
 
 from __future__ import annotations
@@ -103,11 +105,16 @@ def run_demo(repo: Path, dest: Path, overrides: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run the pipeline on synthetic demo data in its own workspace.")
+    ap = argparse.ArgumentParser(description="Run the pipeline with a params profile (default: the demo) in its own workspace.")
     ap.add_argument("--repo", type=Path, default=Path.cwd())
     ap.add_argument("--dest", type=Path, default=Path("demo"))
     ap.add_argument("--overrides", type=Path, default=Path("params.demo.yaml"))
+    ap.add_argument("--prepare-only", action="store_true", help="build the workspace, do not run dvc repro")
     args = ap.parse_args(argv)
+    if args.prepare_only:
+        ws = prepare_demo_workspace(args.repo, args.dest, args.overrides)
+        print(f"[workspace] ready: {ws} (params: {args.overrides} merged over params.yaml)")
+        return 0
     return run_demo(args.repo, args.dest, args.overrides)
 
 

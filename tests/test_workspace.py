@@ -1,0 +1,51 @@
+"""Workspaces (lggseg.workspace): a profile's params merged over params.yaml in a git + DVC repo of
+its own that never receives the real pipeline's committed results."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lggseg.config import ConfigError, read_params
+from lggseg.workspace import main, prepare_demo_workspace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _head(ws: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+def test_prepare_merges_the_profile_and_leaves_real_results_out(tmp_path):
+    ws = prepare_demo_workspace(REPO, tmp_path / "ws", REPO / "params.demo.yaml")
+    params = read_params(ws / "params.yaml")
+    demo, base = read_params(REPO / "params.demo.yaml"), read_params(REPO / "params.yaml")
+    assert params["common"]["image_size"] == demo["common"]["image_size"] != base["common"]["image_size"]
+    assert params["variants"] == base["variants"]  # untouched sections come from params.yaml
+    assert (ws / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
+    assert (ws / "src" / "lggseg" / "workspace.py").is_file()
+    assert not (ws / "dvc.lock").exists() and not (ws / "metrics").exists() and not (ws / "plots").exists()
+    assert (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
+    # a second preparation with nothing changed makes no new commit
+    head = _head(ws)
+    prepare_demo_workspace(REPO, ws, REPO / "params.demo.yaml")
+    assert _head(ws) == head
+
+
+def test_a_broken_profile_is_rejected_before_anything_is_written(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"epochs": 0}}))
+    with pytest.raises(ConfigError, match="epochs"):
+        prepare_demo_workspace(REPO, tmp_path / "ws", bad)
+    assert not (tmp_path / "ws").exists()
+
+
+def test_prepare_only_does_not_run_the_pipeline(tmp_path, capsys):
+    assert main(["--repo", str(REPO), "--dest", str(tmp_path / "ws"), "--overrides",
+                 str(REPO / "params.cpu.yaml"), "--prepare-only"]) == 0
+    assert "ready" in capsys.readouterr().out
+    assert read_params(tmp_path / "ws" / "params.yaml")["train"]["epochs"] == 8
+    assert not (tmp_path / "ws" / "data").exists() and not (tmp_path / "ws" / "dvc.lock").exists()
