@@ -131,7 +131,7 @@ class DeviceProfile:
 
 
 _CPU_PROFILE = DeviceProfile(
-    batch_size=4, warmup=1, reps=3, loss_reps=10, data_batches=12, infer_batches=3, matmul_size=1024
+    batch_size=4, warmup=1, reps=7, loss_reps=10, data_batches=12, infer_batches=3, matmul_size=1024
 )
 _CUDA_PROFILE = DeviceProfile(
     batch_size=0, warmup=5, reps=20, loss_reps=20, data_batches=40, infer_batches=10, matmul_size=8192
