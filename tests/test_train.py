@@ -126,6 +126,20 @@ def test_fingerprint_ignores_speed_settings_only():
     assert run_fingerprint(tiny_run(), SEED, "other data") != base
 
 
+def test_a_resplit_store_is_not_resumed(store_dir, tmp_path):
+    """Same images, another split: the store fingerprint (and so the run's) must differ."""
+    from lggseg.train import _store_fingerprint
+
+    raw = generate_demo(tmp_path / "raw", 3, 23)
+    fps = {}
+    for unit in ("patient", "slice"):
+        build_manifest(raw, tmp_path / unit, CommonConfig(image_size=64), ManifestConfig(split_unit=unit))
+        fps[unit] = _store_fingerprint(tmp_path / unit)
+    assert fps["patient"]["data"] == fps["slice"]["data"]  # the same raw images
+    assert fps["patient"] == _store_fingerprint(store_dir)  # rebuilt identically: same identity
+    assert run_fingerprint(tiny_run(), SEED, fps["patient"]) != run_fingerprint(tiny_run(), SEED, fps["slice"])
+
+
 def test_checkpoint_commit_record_decides(tmp_path):
     ckpt = Checkpoint(tmp_path)
     record = {"format": 1, "fingerprint": "abc", "epoch": 1, "files": {"state": None, "best": None}}

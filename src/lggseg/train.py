@@ -328,11 +328,21 @@ class _Logger:
 
 
 def _store_fingerprint(store_dir: Path) -> Any:
-    path = store_dir / "store.json"
+    """The raw data's fingerprint plus a hash of ``manifest.csv``.
+
+    The raw fingerprint alone misses what the manifest stage decides from the same images: the
+    split (``manifest.split_unit``, seed, fractions) and the attribute vectors. Without the
+    manifest's hash a re-split store would "resume" a model trained on the other split.
+    """
     try:
-        return json.loads(path.read_text()).get("fingerprint")
+        data = json.loads((store_dir / "store.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
-        return None
+        data = None
+    try:
+        manifest = hashlib.sha256((store_dir / "manifest.csv").read_bytes()).hexdigest()
+    except OSError:
+        manifest = None
+    return {"data": data, "manifest_sha256": manifest}
 
 
 # --------------------------------------------------------------------------- training
