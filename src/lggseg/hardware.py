@@ -2,7 +2,7 @@
 
 Training (:mod:`lggseg.train`) turns bf16 autocast and channels_last on for a CPU only when it
 has native bf16 instructions (AVX512-BF16 or AMX): there they made the 256x256 training step of
-regnetz_040 about 1.9x faster on a 2-core AMD EPYC (``metrics/bench.json``), while emulated bf16
+regnetz_040 1.8x faster on a 2-core AMD EPYC (``metrics/bench.json``), while emulated bf16
 is slower than float32. The benchmark (:mod:`lggseg.bench`) records the same facts with its numbers.
 """
 

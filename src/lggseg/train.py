@@ -371,21 +371,21 @@ class StepSetup:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
 
 
-def step_setup(cfg: TrainConfig, device: torch.device, name: str = "ours") -> StepSetup:
+def step_setup(cfg: TrainConfig, device: torch.device) -> StepSetup:
     """The set-up of the training step on ``device`` under ``cfg``.
 
     CUDA: bf16 autocast (``train.amp``), channels_last, optional ``torch.compile`` and cuDNN
     autotuning (fixed input size); bitwise repeatability is traded for speed.
     CPU: deterministic algorithms, so that a CPU run, and a resumed one, repeats exactly. bf16
     autocast and channels_last only on CPUs with native bf16 (AVX512-BF16 or AMX), where together
-    they made the 256x256 step of regnetz_040 1.9x faster; emulated bf16 is slower than float32,
+    they made the 256x256 step of regnetz_040 1.8x faster (metrics/bench.json); emulated bf16 is slower than float32,
     and channels_last alone was slower at 64x64.
     """
     if device.type == "cuda":
-        return StepSetup(name, bf16=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
+        return StepSetup("ours", bf16=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
                          cudnn_benchmark=True)
     native = cpu_bf16()["native"]
-    return StepSetup(name, bf16=cfg.amp and native, channels_last=cfg.channels_last and cfg.amp and native,
+    return StepSetup("ours", bf16=cfg.amp and native, channels_last=cfg.channels_last and cfg.amp and native,
                      deterministic=True, threads=cfg.cpu_threads)
 
 
@@ -438,7 +438,8 @@ def train_step(
 class _Trainer:
     """The state of one seed's training: data, network, optimizer, best weights, history."""
 
-    def __init__(self, run: RunConfig, store_dir: Path, out_dir: Path, seed: int, info: DistInfo, fingerprint: str):
+    def __init__(self, run: RunConfig, store_dir: Path, out_dir: Path, seed: int, info: DistInfo, fingerprint: str,
+                 setup: StepSetup):
         from lggseg.losses import CompoundLoss
         from lggseg.manifest import load_store
 
@@ -480,7 +481,7 @@ class _Trainer:
         model = build_model(run.model, self.n_attributes, size)
         if info.distributed:
             torch.manual_seed(seed * 1000 + info.rank)  # but independent dropout / drop-path per rank
-        self.setup = step_setup(cfg, info.device)
+        self.setup = setup  # the switches train_variant has applied
         self.memory_format = torch.channels_last if self.setup.channels_last else torch.contiguous_format
         model = model.to(info.device, memory_format=self.memory_format)
         if info.distributed and self.cuda:
@@ -716,9 +717,10 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
         ckpt.remove()
         result_path.unlink(missing_ok=True)
 
-    with applied(step_setup(run.train, info.device), info.device):
+    setup = step_setup(run.train, info.device)
+    with applied(setup, info.device):
         seed_everything(seed + info.rank)
-        trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint)
+        trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint, setup)
         if state is not None:
             trainer.restore(state)
             del state
