@@ -40,6 +40,7 @@ CLUSTER_COLUMNS = (
 KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
 LOSS_TERMS = ("bce", "dice", "outlier")
 ARCHS = ("deeplabv3plus", "unet")
+LR_SCHEDULES = ("constant", "cosine")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -251,6 +252,14 @@ class TrainConfig:
     cpu_threads: int = 0  # 0: leave torch's default
     log_every: int = 20  # steps between host syncs for logging
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Not in the paper (constant lr 1e-3): a cosine decay to 0 over the planned steps, after a linear
+    # warm-up of ``warmup_epochs`` (may be fractional). See lggseg.train.lr_factor.
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_epochs: float = 0.0
+    # Wall-clock budget of training (validation included), checked at epoch boundaries: the run stops
+    # before an epoch that would not fit. With a budget, the number of epochs is planned after the
+    # first one (min(epochs, budget / first epoch's time)) and the cosine schedule spans that plan.
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
@@ -260,6 +269,11 @@ class TrainConfig:
         _require(_is_int(self.num_workers) and self.num_workers >= 0, "train.num_workers must be >= 0")
         _require(_is_int(self.cpu_threads) and self.cpu_threads >= 0, "train.cpu_threads must be >= 0")
         _require(_is_int(self.log_every) and self.log_every > 0, "train.log_every must be positive")
+        _require(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _require(_is_num(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+                 f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs!r}")
+        _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
+                 f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
 
 
 @dataclass(frozen=True)

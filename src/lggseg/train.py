@@ -411,6 +411,24 @@ def applied(setup: StepSetup, device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.benchmark = saved[3]
 
 
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, planned_epochs: int) -> float:
+    """Multiplier of ``train.lr`` before optimisation step ``step`` (0-based, counted over all epochs).
+
+    ``constant``: 1 after the warm-up. ``cosine``: ``0.5 * (1 + cos(pi * p))`` with ``p`` the share of
+    the post-warm-up steps done, over ``planned_epochs * steps_per_epoch`` steps in all (so the rate
+    reaches ~0 at the last planned step). Warm-up: linear from ``1/w`` to 1 over the first
+    ``w = warmup_epochs * steps_per_epoch`` steps.
+    """
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    total = max(planned_epochs * steps_per_epoch - warm, 1.0)
+    p = min(max((step - warm) / total, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def train_step(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -500,6 +518,10 @@ class _Trainer:
                                            enabled=self.setup.bf16 and self.cuda)
 
         self.epoch = 0  # epochs completed
+        # Epochs this run will do: train.epochs, or fewer once a time budget has measured an epoch.
+        self.planned_epochs = cfg.epochs
+        self.stop_reason = "completed"
+        self.steps_per_epoch = len(self.train_loader)
         self.history: list[dict[str, float]] = []
         self.best_dice, self.best_epoch = -1.0, 0
         self.best_weights: dict[str, torch.Tensor] = {}
@@ -532,6 +554,8 @@ class _Trainer:
         self.best_dice, self.best_epoch = state["best_val_dice"], state["best_epoch"]
         self.train_seconds, self.images = state["train_seconds"], state["train_images"]
         self.wall_seconds = state.get("wall_seconds", self.train_seconds)
+        self.planned_epochs = state.get("planned_epochs", self.cfg.epochs)
+        self.stop_reason = state.get("stop_reason", "completed")
         _set_python_rng_state(state["rng"]["python"])
         _set_numpy_rng_state(state["rng"]["numpy"])
         self.loader_gen.set_state(tensors["rng.loader"])
@@ -565,6 +589,8 @@ class _Trainer:
             "world_size": self.info.world_size,
             "best_val_dice": self.best_dice,
             "best_epoch": self.best_epoch,
+            "planned_epochs": self.planned_epochs,
+            "stop_reason": self.stop_reason,
             "train_seconds": self.train_seconds,
             "wall_seconds": self.wall_seconds,
             "train_images": self.images,
@@ -592,8 +618,13 @@ class _Trainer:
         parts_sum: dict[str, torch.Tensor] = {}
         steps = len(self.train_loader)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.info.is_main)
+        scheduled = self.cfg.lr_schedule != "constant" or self.cfg.warmup_epochs > 0
         for step, b in enumerate(bar, 1):
             x, y, a = self._to_device(b)
+            if scheduled:
+                lr = self.cfg.lr * lr_factor(self.cfg, epoch * steps + step - 1, steps, self.planned_epochs)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             logits, total, parts = train_step(self.train_net, self.optimizer, self.loss_fn, x, y, a, epoch, self.setup.bf16)
             n = x.shape[0]
             sums[0] += total.detach() * n
@@ -620,7 +651,8 @@ class _Trainer:
             sums[2] += x.shape[0]
         return _all_sum(self.info, sums)
 
-    def run_epoch(self, epoch: int, ckpt: Checkpoint, live: _Logger) -> None:
+    def run_epoch(self, epoch: int, ckpt: Checkpoint, live: _Logger) -> float:
+        """Train and validate epoch ``epoch``, commit the checkpoint; returns the epoch's wall seconds."""
         t0 = time.perf_counter()
         sums, parts = self.train_epoch(epoch)
         t_train = time.perf_counter() - t0
@@ -649,11 +681,39 @@ class _Trainer:
         self.history.append(row)
         self.train_seconds += t_train
         self.images += int(n)
-        self.wall_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.wall_seconds += seconds
+        self.plan(seconds)
         self.checkpoint(ckpt, improved)
         if self.info.is_main:
             live.log(row)  # after the commit: a replayed epoch is never logged twice
         _barrier(self.info)
+        return seconds
+
+    def plan(self, epoch_seconds: float) -> None:
+        """Under ``train.max_minutes``: fix the number of epochs after the first and stop before an
+        epoch that would overrun the budget (judged by the last epoch's time).
+
+        Every rank gets the same decision (rank 0's clock), so DDP processes stop together.
+        """
+        budget = self.cfg.max_minutes
+        if budget is None or self.epoch >= self.planned_epochs:
+            return
+        seconds = torch.tensor([self.wall_seconds, epoch_seconds], dtype=torch.float64)
+        if self.info.distributed:
+            dist.broadcast(seconds, src=0)
+        spent, last = (float(v) for v in seconds)
+        budget_s = budget * 60.0
+        if self.epoch == 1:
+            fits = max(1, int(budget_s // max(last, 1e-9)))
+            if fits < self.planned_epochs:
+                self.planned_epochs = fits
+                self.stop_reason = (f"time budget: train.max_minutes={budget:g} fits {fits} of "
+                                    f"{self.cfg.epochs} epochs at {last:.0f} s for the first")
+        if self.epoch < self.planned_epochs and spent + last > budget_s:
+            self.planned_epochs = self.epoch
+            self.stop_reason = (f"time budget: train.max_minutes={budget:g} reached after {self.epoch} of "
+                                f"{self.cfg.epochs} epochs ({spent:.0f} s spent, last epoch {last:.0f} s)")
 
     # ------------------------------------------------------------------ the end
 
@@ -665,6 +725,10 @@ class _Trainer:
             "best_epoch": self.best_epoch,
             "best_val_dice": self.best_dice,
             "epochs": self.cfg.epochs,
+            "epochs_done": self.epoch,
+            "epochs_planned": self.planned_epochs,
+            "stop_reason": self.stop_reason,
+            "max_minutes": self.cfg.max_minutes,
             "final": self.history[-1],
             "history": self.history,
             "wall_seconds": round(self.wall_seconds, 3),
@@ -685,7 +749,8 @@ class _Trainer:
             "attribute_names": list(self.store.attribute_names),
             "n_attributes": self.n_attributes,
             "image_size": self.run.common.image_size,
-            **{k: result[k] for k in ("best_epoch", "best_val_dice", "epochs", "wall_seconds", "train_seconds",
+            **{k: result[k] for k in ("best_epoch", "best_val_dice", "epochs", "epochs_done", "stop_reason",
+                                      "wall_seconds", "train_seconds",
                                       "images_per_second", "fingerprint")},
         }
         save_model(self.model, self.out_dir, meta)
@@ -728,11 +793,16 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
                   "epochs": run.train.epochs, "batch_size": run.train.batch_size, "lr": run.train.lr,
                   "world_size": info.world_size, "device": info.device.type}
         live = _Logger(out_dir, info.is_main, params, trainer.history)
-        bar = tqdm(range(trainer.epoch, run.train.epochs), desc=trainer.label, unit="epoch",
-                   initial=trainer.epoch, total=run.train.epochs, disable=not info.is_main)
-        for epoch in bar:
-            trainer.run_epoch(epoch, ckpt, live)
+        bar = tqdm(desc=trainer.label, unit="epoch", initial=trainer.epoch, total=trainer.planned_epochs,
+                   disable=not info.is_main)
+        while trainer.epoch < trainer.planned_epochs:
+            trainer.run_epoch(trainer.epoch, ckpt, live)
+            bar.total = trainer.planned_epochs
+            bar.update(1)
             bar.set_postfix(val_dice=f"{trainer.history[-1]['val/dice']:.4f}", best=f"{trainer.best_dice:.4f}")
+        bar.close()
+        if trainer.stop_reason != "completed" and info.is_main:
+            log.warning("%s: %s", trainer.label, trainer.stop_reason)
         result = trainer.result()
         if info.is_main:
             trainer.save_best(result)
