@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint repro bench guard clean-demo
+.PHONY: install demo laptop test test-fast lint repro bench guard clean-demo
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/python -m lggseg.workspace --dest demo --overrides params.demo.yaml
+
+# The laptop recipe (README "No GPU? Train on a laptop"): real data, 2 CPU cores, <= 30 min.
+laptop: install
+	@test -n "$(DATA)" || { echo "usage: make laptop DATA=/path/to/kaggle_3m (or the Kaggle zip)" >&2; exit 2; }
+	$(BIN)/python -m lggseg.workspace --dest laptop --overrides params.laptop.yaml \
+		--set fetch.source=$(abspath $(DATA)) --targets evaluate@laptop
 
 test: install
 	$(BIN)/ruff check src stages tests

@@ -32,3 +32,16 @@ def demo_kaggle_dir(tmp_path_factory) -> Path:
     from lggseg.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo6"), n_cases=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    """A manifest store of 3 synthetic demo cases at 64 px (training tests)."""
+    from lggseg.config import CommonConfig, ManifestConfig
+    from lggseg.demo import generate_demo
+    from lggseg.manifest import build_manifest
+
+    root = tmp_path_factory.mktemp("demo3")
+    raw = generate_demo(root / "raw", 3, 23)
+    build_manifest(raw, root / "store", CommonConfig(image_size=64), ManifestConfig())
+    return root / "store"

@@ -323,3 +323,41 @@ def test_stage_on_a_demo_store_with_a_saved_model(tmp_path):
         "--data", str(tmp_path / "nowhere"), "--metrics", str(tmp_path / "m2.json"), "--rows", str(tmp_path / "e2"),
     ])
     assert rc == 2 and not (tmp_path / "m2.json").exists()
+
+
+def test_another_split_is_scored_on_request():
+    res = evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, POST, "cpu", split="train")
+    assert list(res.slices[~res.slices["postprocessed"]]["row"]) == [0]
+    assert res.metrics["dice_slice_mean"] == 1.0 and res.metrics["n_test_slices"] == 1
+
+
+def test_an_unknown_or_empty_split_is_refused():
+    from lggseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="split"):
+        evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, POST, "cpu", split="holdout")
+    with pytest.raises(DataError, match="no val slices"):
+        evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, POST, "cpu", split="val")
+
+
+def test_tta_averages_the_flipped_views():
+    import dataclasses
+
+    store = make_store()
+    tta = dataclasses.replace(CFG, tta=True)
+    # a per-pixel model gives the same masks with and without flips
+    same = evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, store, tta, POST, "cpu")
+    assert same.metrics["tta"] is True
+    assert same.slices["dice"].to_numpy() == pytest.approx(
+        evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, store, CFG, POST, "cpu").slices["dice"].to_numpy())
+    # A model that shifts its output down and right by 4: the flipped views shift it up/right and
+    # down/left instead, so only pixels covered by two of the three shifted copies keep p >= 2/3.
+    class Diagonal(BrightModel):
+        def forward(self, image, attributes=None):
+            return torch.roll(super().forward(image, attributes), (4, 4), dims=(-2, -1))
+
+    plain = evaluate_loaded({23: (Diagonal(), _meta(attributes=False))}, store, CFG, POST, "cpu")
+    flipped = evaluate_loaded({23: (Diagonal(), _meta(attributes=False))}, store, tta, POST, "cpu")
+    assert plain.metrics["tta"] is False
+    raw = ~flipped.slices["postprocessed"]
+    assert (flipped.slices[raw]["pred_pixels"].to_numpy() < plain.slices[raw]["pred_pixels"].to_numpy()).any()

@@ -60,14 +60,6 @@ def tiny_run(epochs: int = 2, **train: object) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo3")
-    raw = generate_demo(root / "raw", 3, 23)
-    build_manifest(raw, root / "store", CommonConfig(image_size=64), ManifestConfig())
-    return root / "store"
-
-
-@pytest.fixture(scope="module")
 def trained(store_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "seed_5"
     return out, train_variant(tiny_run(), store_dir, out, SEED)

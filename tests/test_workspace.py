@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lggseg.config import ConfigError, read_params
-from lggseg.workspace import main, prepare_demo_workspace
+from lggseg.workspace import main, parse_sets, prepare_demo_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,3 +49,35 @@ def test_prepare_only_does_not_run_the_pipeline(tmp_path, capsys):
     assert "ready" in capsys.readouterr().out
     assert read_params(tmp_path / "ws" / "params.yaml")["train"]["epochs"] == 8
     assert not (tmp_path / "ws" / "data").exists() and not (tmp_path / "ws" / "dvc.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["fetch.source=/data/kaggle_3m"], {"fetch": {"source": "/data/kaggle_3m"}}),
+        (["train.epochs=3", "train.max_minutes=2.5"], {"train": {"epochs": 3, "max_minutes": 2.5}}),
+        (["evaluate.tta=true"], {"evaluate": {"tta": True}}),
+        (["train.max_minutes=null"], {"train": {"max_minutes": None}}),
+        ([], {}),
+    ],
+)
+def test_set_items_become_nested_overrides(items, expected):
+    assert parse_sets(items) == expected
+
+
+@pytest.mark.parametrize("item", ["fetch.source", "=x", "train..epochs=3"])
+def test_malformed_set_items_are_rejected(item):
+    with pytest.raises(ConfigError, match="--set"):
+        parse_sets([item])
+
+
+def test_set_overrides_the_profile_and_is_validated(tmp_path, capsys):
+    ws = prepare_demo_workspace(REPO, tmp_path / "ws", REPO / "params.laptop.yaml", ["fetch.source=/data/kaggle_3m"])
+    params = read_params(ws / "params.yaml")
+    assert params["fetch"]["source"] == "/data/kaggle_3m"
+    assert params["train"]["max_minutes"] == read_params(REPO / "params.laptop.yaml")["train"]["max_minutes"]
+    assert "laptop" in params["variants"]
+    # a nonsense value is refused with one line and exit 2, before anything is written
+    assert main(["--repo", str(REPO), "--dest", str(tmp_path / "bad"), "--overrides", str(REPO / "params.laptop.yaml"),
+                 "--set", "train.max_minutes=-1", "--prepare-only"]) == 2
+    assert "max_minutes" in capsys.readouterr().err and not (tmp_path / "bad").exists()

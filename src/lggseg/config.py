@@ -298,6 +298,7 @@ class EvaluateConfig:
     bootstrap_seed: int = 23
     noise_side: int = 7  # components smaller than noise_side^2 pixels that touch no truth count as noise
     connectivity: int = 8
+    tta: bool = False  # average the identity, h-flip and v-flip probabilities (lggseg predict --tta)
 
     def __post_init__(self) -> None:
         _require(_is_num(self.threshold) and 0 < self.threshold < 1, "evaluate.threshold must be in (0, 1)")

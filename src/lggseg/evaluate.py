@@ -117,6 +117,7 @@ def predict_probabilities(
     batch_size: int,
     device: torch.device,
     desc: str = "predict",
+    tta: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(store rows, probabilities float32 (B, H, W))`` at the store's native resolution.
 
@@ -139,7 +140,7 @@ def predict_probabilities(
         image = batch["image"].to(device, non_blocking=True)
         attrs = None if perm is None else batch["attributes"][:, perm].to(device, non_blocking=True)
         # The same step as `lggseg predict`, so both score a slice identically.
-        prob = infer_probabilities(model, image, attrs, out_size=native)
+        prob = infer_probabilities(model, image, attrs, out_size=native, tta=tta)
         yield batch["row"].numpy(), prob.cpu().numpy()
 
 
@@ -201,7 +202,7 @@ def _evaluate_one(
     model = model.to(device)
     batches = predict_probabilities(
         model, store, test_rows, image_size=int(meta["image_size"]), attribute_index=attr_index,
-        batch_size=cfg.batch_size, device=device, desc=f"evaluate seed {seed}",
+        batch_size=cfg.batch_size, device=device, desc=f"evaluate seed {seed}", tta=cfg.tta,
     )
     for rows, probs in batches:
         for row, prob in zip(rows, probs, strict=True):
@@ -263,14 +264,21 @@ def evaluate_loaded(
     cfg: EvaluateConfig,
     post: PostprocessConfig,
     device: str | torch.device = "auto",
+    split: str = "test",
 ) -> Evaluation:
-    """:func:`evaluate_model` on already loaded ``{seed: (model, meta)}`` and an opened store."""
+    """:func:`evaluate_model` on already loaded ``{seed: (model, meta)}`` and an opened store.
+
+    ``split`` is the split scored (``test``; ``val`` to choose between recipes without looking at
+    the test split, as :mod:`lggseg.ablation` does); the metric keys keep their ``test`` names.
+    """
     if not models:
         raise ModelError("no model to evaluate")
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"evaluation split must be train, val or test, got {split!r}")
     device = resolve_device(device)
-    test_rows = np.asarray(store.indices("test"), dtype=np.int64)
+    test_rows = np.asarray(store.indices(split), dtype=np.int64)
     if test_rows.size == 0:
-        raise DataError("the manifest store has no test slices")
+        raise DataError(f"the manifest store has no {split} slices")
     table = _row_table(store)
     figure_rows, how = select_figure_rows(table, test_rows)
     all_rows, figure_probs = [], []
@@ -294,6 +302,7 @@ def evaluate_loaded(
             per_seed[s]["postprocessed"] = {**pp_per_seed[s], "min_area": post.min_area}
     seeds = sorted(int(s) for s in models)
     metrics["seeds"] = seeds
+    metrics["tta"] = cfg.tta
     if len(seeds) > 1:
         metrics["per_seed"] = {str(s): per_seed[s] for s in seeds}
 
@@ -317,8 +326,9 @@ def evaluate_model(
     cfg: EvaluateConfig,
     post: PostprocessConfig,
     device: str | torch.device = "auto",
+    split: str = "test",
 ) -> Evaluation:
-    """Evaluate one variant's models on the test split of a manifest store.
+    """Evaluate one variant's models on the test split (or ``split``) of a manifest store.
 
     ``model_dirs`` is ``{seed: model dir}`` or ``models/<variant>`` (its ``seed_<s>/`` sub-dirs);
     ``store_dir`` a manifest store directory (or an opened store). Returns the metrics dict
@@ -335,7 +345,7 @@ def evaluate_model(
     for seed, d in sorted(dirs.items()):
         model, meta = load_model(d, device)
         models[int(seed)] = (model, {**meta, "model_dir": str(d)})
-    return evaluate_loaded(models, store, cfg, post, device)
+    return evaluate_loaded(models, store, cfg, post, device, split)
 
 
 def jsonable(obj: Any) -> Any:

@@ -10,25 +10,35 @@ real pipeline are never written. Inside ``demo/`` the usual DVC workflow works, 
 A second ``make demo`` re-syncs changed project files and lets DVC skip what is up to date.
 ``--prepare-only`` builds the workspace without running it, for other profiles such as
 ``params.cpu.yaml`` where one runs chosen targets (``dvc repro evaluate@<variant>``).
+``--set KEY=VALUE`` overrides one dotted key after the profile (e.g. ``fetch.source=/data/kaggle_3m``)
+and ``--targets`` limits ``dvc repro`` to some stages: ``make laptop DATA=...`` is
+``--dest laptop --overrides params.laptop.yaml --set fetch.source=DATA --targets evaluate@laptop``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from lggseg.config import deep_merge, read_params, validate_all
+from lggseg.config import ConfigError, deep_merge, read_params, validate_all
+from lggseg.errors import USER_ERRORS
 from lggseg.io import write_json, write_text
 
+# What the summary of a real-data profile prints (keys of metrics/<variant>.json).
+_SUMMARY = ("dice_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate")
+
 # Results of the real pipeline: never mirrored into the demo, which makes its own.
-_NOT_MIRRORED = ("dvc.lock", "metrics/", "plots/", "params.yaml", "demo/")
+_NOT_MIRRORED = ("dvc.lock", "metrics/", "plots/", "params.yaml", "demo/", "results/")
 
 
 def _project_files(repo: Path) -> list[str]:
@@ -47,11 +57,32 @@ def _git(ws: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, env=env)
 
 
-def prepare_demo_workspace(repo: Path, dest: Path, overrides: Path) -> Path:
-    """Mirror ``repo`` into ``dest`` with ``overrides`` merged into its params.yaml; returns ``dest``."""
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["fetch.source=/x", "train.epochs=3"]`` -> a nested override mapping (values read as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (e.g. fetch.source=/data), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def prepare_demo_workspace(repo: Path, dest: Path, overrides: Path, sets: Sequence[str] = ()) -> Path:
+    """Mirror ``repo`` into ``dest`` with ``overrides`` (then ``sets``) merged into its params.yaml; returns ``dest``."""
     repo, dest = repo.resolve(), dest.resolve()
-    params = deep_merge(read_params(repo / "params.yaml"), read_params(overrides))
-    validate_all(params)  # reject a broken demo profile before copying anything
+    params = deep_merge(deep_merge(read_params(repo / "params.yaml"), read_params(overrides)), parse_sets(sets))
+    validate_all(params)  # reject a broken profile before copying anything
     dest.mkdir(parents=True, exist_ok=True)
     wanted = set(_project_files(repo))
     for rel in sorted(wanted):
@@ -60,7 +91,7 @@ def prepare_demo_workspace(repo: Path, dest: Path, overrides: Path) -> Path:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
-    header = "# DEMO workspace: params.yaml of the project with params.demo.yaml merged over it.\n"
+    header = f"# Workspace: params.yaml of the project with {Path(overrides).name} merged over it.\n"
     write_text(dest / "params.yaml", header + yaml.safe_dump(params, sort_keys=False))
     if not (dest / ".git").exists():
         _git(dest, "init", "-q")
@@ -76,16 +107,15 @@ def _commit(ws: Path, message: str) -> None:
         _git(ws, "commit", "-q", "-m", message)
 
 
-def run_demo(repo: Path, dest: Path, overrides: Path) -> int:
-    """Prepare the workspace, run ``dvc repro`` there, commit its results and say where they are."""
+def run_demo(repo: Path, dest: Path, overrides: Path, sets: Sequence[str] = (), targets: Sequence[str] = ()) -> int:
+    """Prepare the workspace, run ``dvc repro [targets]`` there, commit its results and say where they are."""
     t0 = time.perf_counter()
-    ws = prepare_demo_workspace(repo, dest, overrides)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # Spinning OpenMP workers make 2-thread CPU training several times slower whenever anything else
-    # runs on the cores (measured by the benchmark); passive waiting costs nothing on a quiet machine.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    ws = prepare_demo_workspace(repo, dest, overrides, sets)
+    params = read_params(ws / "params.yaml")
+    if params["fetch"]["source"] != "demo":
+        return _run_profile(ws, t0, overrides, targets)
     print(f"[demo] running `dvc repro` in {ws} (synthetic data, CPU profile of params.demo.yaml)", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env).returncode
+    rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
     if rc != 0:
         print(f"[demo] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
         return rc
@@ -104,18 +134,55 @@ def run_demo(repo: Path, dest: Path, overrides: Path) -> int:
     return 0
 
 
+def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -> int:
+    """A profile on real data (e.g. the laptop recipe): ``dvc repro`` of ``targets`` and a short summary."""
+    print(f"[workspace] running `dvc repro {' '.join(targets)}` in {ws} ({Path(overrides).name})", flush=True)
+    rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
+    if rc != 0:
+        print(f"[workspace] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
+        return rc
+    seconds = time.perf_counter() - t0
+    write_json(ws / "metrics" / "run_time.json",
+               {"seconds": round(seconds, 1), "profile": Path(overrides).name, "targets": list(targets)})
+    _commit(ws, f"{Path(overrides).name}: dvc repro results")
+    print(f"\n[workspace] done in {seconds / 60:.1f} min (wall time of this command).")
+    for path in sorted((ws / "metrics").glob("*.json")):
+        metrics = json.loads(path.read_text())
+        if "dice_slice_mean" not in metrics:
+            continue
+        variant = path.stem
+        print(f"  {variant}: test " + ", ".join(f"{k} {metrics[k]:.4f}" for k in _SUMMARY if metrics.get(k) is not None))
+        print(f"    metrics {path}\n    model   {ws / 'models' / variant}   (lggseg predict --model ...)")
+    return 0
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Spinning OpenMP workers make 2-thread CPU training several times slower whenever anything else
+    # runs on the cores (measured by the benchmark); passive waiting costs nothing on a quiet machine.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run the pipeline with a params profile (default: the demo) in its own workspace.")
     ap.add_argument("--repo", type=Path, default=Path.cwd())
     ap.add_argument("--dest", type=Path, default=Path("demo"))
     ap.add_argument("--overrides", type=Path, default=Path("params.demo.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one dotted params key after the profile, e.g. fetch.source=/data/kaggle_3m")
+    ap.add_argument("--targets", nargs="*", default=[], help="stages for dvc repro (default: all)")
     ap.add_argument("--prepare-only", action="store_true", help="build the workspace, do not run dvc repro")
     args = ap.parse_args(argv)
-    if args.prepare_only:
-        ws = prepare_demo_workspace(args.repo, args.dest, args.overrides)
-        print(f"[workspace] ready: {ws} (params: {args.overrides} merged over params.yaml)")
-        return 0
-    return run_demo(args.repo, args.dest, args.overrides)
+    try:
+        if args.prepare_only:
+            ws = prepare_demo_workspace(args.repo, args.dest, args.overrides, args.set)
+            print(f"[workspace] ready: {ws} (params: {args.overrides} merged over params.yaml)")
+            return 0
+        return run_demo(args.repo, args.dest, args.overrides, args.set, args.targets)
+    except USER_ERRORS as exc:
+        print(f"lggseg workspace: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
