@@ -50,6 +50,13 @@ def test_no_driver_file_and_no_nvidia_smi_is_none(monkeypatch, tmp_path):
     assert H.nvidia_driver() == "present (nvidia-smi on PATH)"
 
 
+def test_cpu_is_taken_as_asked_without_a_note(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a GPU
+    with caplog.at_level(logging.INFO, logger="lggseg.hardware"):
+        assert H.resolve_device("cpu") == torch.device("cpu")
+    assert caplog.records == []
+
+
 def test_auto_logs_the_cpu_it_chose(monkeypatch, no_cuda, caplog):
     monkeypatch.setattr(H, "nvidia_driver", lambda: None)
     with caplog.at_level(logging.INFO, logger="lggseg.hardware"):

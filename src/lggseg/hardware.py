@@ -109,7 +109,6 @@ def resolve_device(name: str | torch.device, local_rank: int | None = None) -> t
         raise ConfigError(f"device must be one of {', '.join(DEVICE_NAMES)}, got {name!r}")
     cuda = torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
     if name == "cpu":
-        log.info("device: cpu (common.device: cpu)")
         return torch.device("cpu")
     if torch.cuda.is_available():
         log.info("device: %s (%s, common.device: %s)", cuda, torch.cuda.get_device_name(cuda), name)
