@@ -10,7 +10,7 @@ then scored by :func:`lggseg.evaluate.evaluate_model` (the ``evaluate`` stage's 
 Honest selection: :func:`choose` ranks arms by their validation numbers only (``val_dice_slice_mean``,
 ties within ``tie`` broken by ``val_dice_patient_3d``); the test columns are written for the record
 and never read by the ranking. Each arm's row carries its wall times, so the table also says what
-each choice costs on the machine it ran on (recorded in ``machine.json``).
+each choice costs on the machine it ran on (``machine.json``: :func:`lggseg.hardware.machine_record`).
 
 Outputs in ``out_dir``: ``ablation.csv`` (one row per arm, rewritten atomically after every arm, so
 an interrupted search keeps what it measured), ``arms/<arm>/`` (model, training result, metrics
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Mapping
@@ -34,6 +32,7 @@ import pandas as pd
 
 from lggseg.config import ConfigError, deep_merge, load_section, read_params, resolve_variant, variant_names
 from lggseg.errors import USER_ERRORS
+from lggseg.hardware import machine_record
 from lggseg.io import write_csv, write_json
 
 # The numbers an ablation row keeps from each metrics block.
@@ -114,30 +113,6 @@ def choose(table: pd.DataFrame, tie: float = 0.005) -> str:
     best = float(table["val_dice_slice_mean"].max())
     close = table[table["val_dice_slice_mean"] >= best - tie]
     return str(close.sort_values("val_dice_patient_3d", ascending=False, kind="stable").iloc[0]["arm"])
-
-
-def machine_record() -> dict[str, Any]:
-    """Where the search ran: CPU model, cores, native bf16, torch version, load at the start."""
-    import torch
-
-    from lggseg.hardware import cpu_bf16
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "native_bf16": bool(cpu_bf16()["native"]),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 def run_ablation(base_path: str | Path, arms_path: str | Path, variant: str, store_dir: str | Path,

@@ -16,6 +16,7 @@ back and ``cuda`` refuses. :func:`machine_facts`, :func:`software_versions` and
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import shutil
@@ -166,3 +167,17 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
         return None
     commit = proc.stdout.strip()
     return commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def machine_record() -> dict[str, Any]:
+    """The machine a CPU run is measured on: CPU facts, cores, software, load average at the start.
+
+    Speed on "2 cores" differs about 2x between the machines of this project, so every timed result
+    (an ablation, a snapshot) says which machine and how busy it was.
+    """
+    return {
+        **machine_facts(torch.device("cpu")),
+        "cores": os.cpu_count(),
+        "load_average_at_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "software": software_versions(),
+    }

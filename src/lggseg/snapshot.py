@@ -5,7 +5,7 @@ folders; a number quoted in the README must live in a committed file instead. :f
 copies from a workspace, for each variant, the metrics JSON, the per-slice and per-patient rows and
 the training record (``result.json``: per-epoch history, epochs done, why training stopped), plus the
 workspace's merged ``params.yaml`` and ``dvc.lock``, the wall time of the run when recorded, the
-exact command, the project's git commit and the machine (:func:`lggseg.ablation.machine_record`).
+exact command, the project's git commit and the machine (:func:`lggseg.hardware.machine_record`).
 Nothing large is copied: no model weights, no data.
 
 ``python -m lggseg.snapshot --workspace laptop --variant laptop --dest results/laptop-2026-11-30
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,21 +23,11 @@ from typing import Any
 
 from lggseg.config import ConfigError
 from lggseg.errors import USER_ERRORS, DataError
+from lggseg.hardware import git_commit, machine_record
 from lggseg.io import write_json, write_text
 
 # Files over this size are refused: a snapshot is for git, not for data or weights.
 MAX_FILE_BYTES = 2_000_000
-
-
-def git_commit(path: Path) -> str | None:
-    """The commit checked out at ``path`` (with ``-dirty`` when it has changes), or None."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -53,8 +42,6 @@ def _copy(src: Path, dst: Path) -> None:
 def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | Path, command: str,
                    repo: str | Path = ".", note: str = "") -> Path:
     """Copy ``variants``' results from ``workspace`` into ``dest`` (see the module doc); returns ``dest``."""
-    from lggseg.ablation import machine_record
-
     ws, dest = Path(workspace), Path(dest)
     if not variants:
         raise ConfigError("write_snapshot: name at least one variant")
