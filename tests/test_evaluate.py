@@ -408,3 +408,17 @@ def test_tta_averages_the_flipped_views():
     assert plain.metrics["tta"] is False
     raw = ~flipped.slices["postprocessed"]
     assert (flipped.slices[raw]["pred_pixels"].to_numpy() < plain.slices[raw]["pred_pixels"].to_numpy()).any()
+
+
+def test_largest_3d_postprocessing_by_hand():
+    """Per case, only the largest 3D region stays: BB loses its 2x2 blob (slice 2), CC its 4x4 false
+    positive (slice 2, 16 px, apart from the 64-px region of slice 1)."""
+    post = PostprocessConfig(min_area=0, largest_3d=True)
+    res = evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, post, "cpu")
+    pp = res.slices[res.slices["postprocessed"]]
+    assert list(pp["row"]) == [1, 2, 3, 4, 5]
+    assert pp["dice"].to_numpy() == pytest.approx([1.0, 1.0, 1.0, 2 * 64 / 192, 1.0])
+    assert res.metrics["postprocessed"]["empty_fp_rate"] == 0.0
+    assert res.metrics["postprocessed"]["largest_3d"] is True and res.metrics["postprocessed"]["min_area"] == 0
+    raw = res.slices[~res.slices["postprocessed"]]
+    assert raw["dice"].to_numpy() == pytest.approx(RAW_DICE)

@@ -50,3 +50,70 @@ def test_uint8_mask_and_empty_mask():
 def test_bad_arguments(min_area, connectivity):
     with pytest.raises(ValueError):
         remove_small_components(_mask(), min_area, connectivity)
+
+
+# --------------------------------------------------------------------------- whole cases
+
+
+def _volume() -> np.ndarray:
+    """4 slices of 10x10: a 3-slice tumour (2x2, 3x3, 2x2), a 5-px island on slice 3, a pixel on slice 0
+    touching the tumour of slice 1 only diagonally (across slices and in-plane)."""
+    v = np.zeros((4, 10, 10), dtype=bool)
+    v[0, 1, 1] = True  # diagonal neighbour of v[1, 2, 2]
+    v[1, 2:4, 2:4] = True
+    v[2, 2:5, 2:5] = True
+    v[3, 2:4, 2:4] = True
+    v[3, 8, 5:10] = True  # 5-px island, not connected
+    return v
+
+
+def test_keep_largest_3d_keeps_the_main_region_with_its_diagonal_neighbours():
+    from lggseg.postprocess import keep_largest_3d
+
+    v = _volume()
+    kept = keep_largest_3d(v)
+    assert kept.sum() == 1 + 4 + 9 + 4  # the island goes, the diagonal pixel stays (26-neighbourhood)
+    assert not kept[3, 8].any() and kept[0, 1, 1]
+    assert v[3, 8, 5:].all()  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    ("volume", "expected"),
+    [
+        (np.zeros((3, 5, 5), dtype=bool), 0),  # an empty case stays empty
+        (np.ones((1, 4, 4), dtype=bool), 16),  # one region: unchanged
+        (np.eye(5, dtype=bool)[None], 5),  # a diagonal line is one 3D region
+    ],
+)
+def test_keep_largest_3d_edge_cases(volume, expected):
+    from lggseg.postprocess import keep_largest_3d
+
+    assert keep_largest_3d(volume).sum() == expected
+
+
+def test_keep_largest_3d_needs_a_volume():
+    from lggseg.postprocess import keep_largest_3d
+
+    with pytest.raises(ValueError, match="volume"):
+        keep_largest_3d(np.zeros((5, 5), dtype=bool))
+
+
+# (min_area, largest_3d, pixels kept of _volume(): 1 + 4 + 9 + 4 in the main region, 5 in the island)
+CHAIN = [
+    (0, False, 23),
+    (2, False, 22),  # per slice: the lone diagonal pixel goes
+    (5, False, 9 + 5),  # ... and the 2x2 blobs (4 px); the 5-px island stays
+    (0, True, 18),  # the whole main region, island gone
+    (2, True, 17),
+    (5, True, 9),  # what is left of the main region (3x3) beats the island (5)
+]
+
+
+@pytest.mark.parametrize(("min_area", "largest", "expected"), CHAIN)
+def test_postprocess_case_applies_the_configured_chain(min_area, largest, expected):
+    from lggseg.config import PostprocessConfig
+    from lggseg.postprocess import enabled, postprocess_case
+
+    cfg = PostprocessConfig(min_area=min_area, largest_3d=largest)
+    assert postprocess_case(_volume(), cfg).sum() == expected
+    assert enabled(cfg) == (min_area > 0 or largest)

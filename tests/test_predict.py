@@ -318,6 +318,21 @@ def test_postprocessing_removes_small_regions(tmp_path, monkeypatch):
     assert summary["dice"].tolist() == pytest.approx([1.0, 2 * 200 / 600, 1.0])
 
 
+def test_largest_3d_keeps_each_cases_main_region(tmp_path, monkeypatch):
+    """Slices 1-2 hold the 20x20 region (one 3D region); slice 2's 2x2 blob and slice 3's 3x3 island
+    (far away in-plane) are other regions and go, whatever their size relative to min_area."""
+    slices = [*HAND[:2], (square(200, 203, 200, 203), np.zeros((SIZE, SIZE), bool))]
+    case = write_case(tmp_path / "in", CASE, slices)
+    model_dir = fake_model_dir(tmp_path, monkeypatch, BrightModel(), image_size=SIZE)
+    out = tmp_path / "out"
+    assert main(["--model", str(model_dir), "--input", str(case), "--output", str(out), "--largest-3d"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["pred_pixels"].tolist() == [400, 400, 0]
+    assert summary["dice"].tolist() == pytest.approx([1.0, 2 * 200 / 600, 1.0])
+    info = json.loads((out / "predict.json").read_text())
+    assert info["postprocess_largest_3d"] is True and info["postprocess_min_area"] == 0
+
+
 def test_case_without_masks_and_tta(tmp_path, monkeypatch):
     case = write_case(tmp_path / "in", CASE, [(b, None) for b, _ in HAND])
     model = BrightModel()
@@ -435,12 +450,14 @@ def test_predict_dice_equals_the_evaluate_stage(store_and_model, demo_kaggle_dir
         copy_case(demo_kaggle_dir / c, inp)
     shutil.copy(demo_kaggle_dir / "data.csv", inp)  # the attributes of the training data.csv
 
-    for min_area, done in ((0, False), (49, True)):
-        out = tmp_path / f"pred{min_area}"
+    rows_3d = evaluate_model(models, store, cfg, PostprocessConfig(min_area=49, largest_3d=True), "cpu").slices
+    for min_area, done, largest in ((0, False, False), (49, True, False), (49, True, True)):
+        out = tmp_path / f"pred{min_area}{largest}"
         args = ["--model", str(models), "--input", str(inp), "--output", str(out), "--batch-size", "8", "--device", "cpu"]
-        assert main([*args, "--postprocess-min-area", str(min_area)]) == 0
+        assert main([*args, "--postprocess-min-area", str(min_area), *(["--largest-3d"] if largest else [])]) == 0
         pred = pd.read_csv(out / "summary.csv")
-        ev = rows[rows["postprocessed"] == done].sort_values(["case_id", "slice_index"])
+        table = rows_3d if largest else rows
+        ev = table[table["postprocessed"] == done].sort_values(["case_id", "slice_index"])
         assert pred["case_id"].tolist() == ev["case_id"].tolist()
         assert pred["slice_index"].tolist() == ev["slice_index"].tolist()
         assert pred["pred_pixels"].tolist() == ev["pred_pixels"].tolist()

@@ -282,10 +282,12 @@ class PostprocessConfig:
 
     min_area: int = 49
     connectivity: int = 8
+    largest_3d: bool = False  # keep only each case's largest 3D region (not in the paper)
 
     def __post_init__(self) -> None:
         _require(_is_int(self.min_area) and self.min_area >= 0, f"postprocess.min_area must be >= 0, got {self.min_area!r}")
         _require(self.connectivity in (4, 8), "postprocess.connectivity must be 4 or 8")
+        _require(isinstance(self.largest_3d, bool), "postprocess.largest_3d must be true or false")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ For every seed's model (``models/<variant>/seed_<s>/``) the test slices of the m
 through the network at the model's ``image_size``; the probabilities are upsampled (bilinear) to
 the stored 256 x 256 and thresholded at ``evaluate.threshold``, so every metric is computed
 against the original masks whatever resolution the model ran at. Each slice is scored as
-predicted and, when ``postprocess.min_area > 0``, again after removing small components
+predicted and, when post-processing is configured (``postprocess.min_area > 0``, ``postprocess.largest_3d``), again after it
 (:mod:`lggseg.postprocess`), and :func:`lggseg.metrics.summarize` turns the rows into the
 metrics of ``metrics/<variant>.json``.
 
@@ -46,7 +46,8 @@ from lggseg.errors import DataError, ModelError
 from lggseg.hardware import git_commit, resolve_device, software_versions
 from lggseg.io import atomic_dir, atomic_path, write_csv, write_json
 from lggseg.metrics import SUMMARY_KEYS, bootstrap_ci, patient_rows, slice_stats, summarize
-from lggseg.postprocess import remove_small_components
+from lggseg.postprocess import enabled as postprocess_enabled
+from lggseg.postprocess import postprocess_case
 from lggseg.predict import infer_probabilities, uses_attributes
 
 PAPER_FIGURE_IDS = (
@@ -200,26 +201,34 @@ def _evaluate_one(
         model, store, test_rows, image_size=int(meta["image_size"]), attribute_index=attr_index,
         batch_size=cfg.batch_size, device=device, desc=f"evaluate seed {seed}", tta=cfg.tta,
     )
+    preds: dict[int, np.ndarray] = {}
     for rows, probs in batches:
         for row, prob in zip(rows, probs, strict=True):
             row = int(row)
             if row in figure_pos:
                 figure_prob[figure_pos[row]] = prob.astype(np.float16)
-            truth = np.asarray(store.masks[row]) > 0
-            pred = prob > cfg.threshold
-            ident = {
-                "seed": seed,
-                "row": row,
-                "patient_id": table.at[row, "patient_id"],
-                "case_id": table.at[row, "case_id"],
-                "slice_index": int(table.at[row, "slice_index"]),
-            }
-            variants = [(False, pred)]
-            if post.min_area > 0:
-                variants.append((True, remove_small_components(pred, post.min_area, post.connectivity)))
-            for done, mask in variants:
-                stats = slice_stats(mask, truth, noise_max_area=max_area, connectivity=cfg.connectivity)
-                records.append({**ident, "postprocessed": done, **stats})
+            preds[row] = prob > cfg.threshold
+    # Post-processing may look at a whole case (postprocess.largest_3d), so it runs per case.
+    processed: dict[int, np.ndarray] = {}
+    if postprocess_enabled(post):
+        rows_in_order = table.loc[list(preds)].sort_values(["case_id", "slice_index"])
+        for _, case in rows_in_order.groupby("case_id", sort=False):
+            case_rows = [int(r) for r in case.index]
+            for r, mask in zip(case_rows, postprocess_case(np.stack([preds[r] for r in case_rows]), post), strict=True):
+                processed[r] = mask
+    for row, pred in preds.items():
+        truth = np.asarray(store.masks[row]) > 0
+        ident = {
+            "seed": seed,
+            "row": row,
+            "patient_id": table.at[row, "patient_id"],
+            "case_id": table.at[row, "case_id"],
+            "slice_index": int(table.at[row, "slice_index"]),
+        }
+        variants = [(False, pred)] + ([(True, processed[row])] if processed else [])
+        for done, mask in variants:
+            stats = slice_stats(mask, truth, noise_max_area=max_area, connectivity=cfg.connectivity)
+            records.append({**ident, "postprocessed": done, **stats})
     return pd.DataFrame.from_records(records), figure_prob
 
 
@@ -291,11 +300,12 @@ def evaluate_loaded(
     patients = patients[["seed", "postprocessed", *[c for c in patients.columns if c not in ("seed", "postprocessed")]]]
 
     metrics, per_seed = _block(slices[~slices["postprocessed"]], cfg)
-    if post.min_area > 0:
+    if postprocess_enabled(post):
         pp, pp_per_seed = _block(slices[slices["postprocessed"]], cfg)
-        metrics["postprocessed"] = {**pp, "min_area": post.min_area}
+        rule = {"min_area": post.min_area, "largest_3d": post.largest_3d}
+        metrics["postprocessed"] = {**pp, **rule}
         for s in per_seed:
-            per_seed[s]["postprocessed"] = {**pp_per_seed[s], "min_area": post.min_area}
+            per_seed[s]["postprocessed"] = {**pp_per_seed[s], **rule}
     seeds = sorted(int(s) for s in models)
     metrics["seeds"] = seeds
     metrics["tta"] = cfg.tta

@@ -373,6 +373,7 @@ class PredictOptions:
     tta: bool = False
     min_area: int = 0  # 0: no post-processing
     connectivity: int = 8
+    largest_3d: bool = False  # keep each case's largest 3D region (postprocess.largest_3d)
     device: str = "auto"
     seed: int | None = None
     allow_missing_attributes: bool = False
@@ -386,6 +387,8 @@ class PredictOptions:
             raise ConfigError(f"--postprocess-min-area must be a non-negative integer, got {self.min_area!r}")
         if self.connectivity not in (4, 8):
             raise ConfigError(f"connectivity must be 4 or 8, got {self.connectivity!r}")
+        if not isinstance(self.largest_3d, bool):
+            raise ConfigError(f"largest_3d must be true or false, got {self.largest_3d!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -457,10 +460,12 @@ def predict(
     Returns the per-slice summary (the content of ``summary.csv``). Every check that needs no
     pixels (inputs, model metadata, attributes, output folder) runs before the model is loaded.
     """
+    from lggseg.config import PostprocessConfig
     from lggseg.evaluate import resolve_device
     from lggseg.models import load_model, read_meta
     from lggseg.plotting import overlay
-    from lggseg.postprocess import remove_small_components
+    from lggseg.postprocess import enabled as postprocess_enabled
+    from lggseg.postprocess import postprocess_case
 
     opts = options or PredictOptions()
     out_dir = Path(out_dir)
@@ -498,6 +503,22 @@ def predict(
         stage = _Staging(tmp, out_dir)
         bar = tqdm(total=len(inputs.slices), desc="predict", unit="slice")
         batches = list(_batches(inputs.slices, opts.batch_size))
+        post = PostprocessConfig(min_area=opts.min_area, connectivity=opts.connectivity, largest_3d=opts.largest_3d)
+        case: list[tuple[SliceInput, np.ndarray, np.ndarray | None, np.ndarray]] = []
+
+        def write_case(items: list[tuple[SliceInput, np.ndarray, np.ndarray | None, np.ndarray]]) -> None:
+            order = sorted(range(len(items)), key=lambda k: (items[k][0].slice_index is None, items[k][0].slice_index or 0))
+            preds = np.stack([items[k][3] > opts.threshold for k in order])
+            if postprocess_enabled(post):
+                preds = postprocess_case(preds, post)
+            for k, pred in zip(order, preds, strict=True):
+                item, image, truth, prob = items[k]
+                base = f"{item.out_dir}/{item.stem}" if item.out_dir else item.stem
+                stage.png(f"{base}_pred.png", pred.astype(np.uint8) * 255)
+                stage.png(f"{base}_prob.png", np.round(prob * 255).astype(np.uint8))
+                stage.png(f"{base}_overlay.png", overlay(image, truth, pred))
+                rows.append(_slice_row(item, base, pred, truth))
+
         pending = pool.submit(_read_batch, batches[0])
         for k, batch in enumerate(batches):
             current = pending.result()
@@ -512,15 +533,14 @@ def predict(
                 a = torch.from_numpy(a).to(device)
             probs = infer_probabilities(model, x, a, out_size=images[0].shape[:2], tta=opts.tta).cpu().numpy()
             for item, (image, truth), prob in zip(batch, current, probs, strict=True):
-                pred = prob > opts.threshold
-                if opts.min_area > 0:
-                    pred = remove_small_components(pred, opts.min_area, opts.connectivity)
-                base = f"{item.out_dir}/{item.stem}" if item.out_dir else item.stem
-                stage.png(f"{base}_pred.png", pred.astype(np.uint8) * 255)
-                stage.png(f"{base}_prob.png", np.round(prob * 255).astype(np.uint8))
-                stage.png(f"{base}_overlay.png", overlay(image, truth, pred))
-                rows.append(_slice_row(item, base, pred, truth))
+                # A case is written once all its slices are in: --largest-3d looks at the whole case.
+                if case and case[0][0].case_id != item.case_id:
+                    write_case(case)
+                    case = []
+                case.append((item, image, truth, prob))
             bar.update(len(batch))
+        if case:
+            write_case(case)
         bar.close()
         slices = pd.DataFrame(rows)
         cases = _case_table(slices)
@@ -545,6 +565,7 @@ def predict(
                 "threshold": opts.threshold,
                 "tta": opts.tta,
                 "postprocess_min_area": opts.min_area,
+                "postprocess_largest_3d": opts.largest_3d,
                 "device": device.type,
                 "n_slices": len(slices),
                 "n_cases": len(cases),
@@ -615,6 +636,8 @@ def build_parser(prog: str = "lggseg predict") -> argparse.ArgumentParser:
     ap.add_argument("--attributes", type=Path, help="data.csv-shaped file with the genomic clusters (default: the input's data.csv)")
     ap.add_argument("--allow-missing-attributes", action="store_true", help="use the 'missing' category for patients without a row")
     ap.add_argument("--postprocess-min-area", type=int, default=0, metavar="N", help="remove predicted regions under N pixels")
+    ap.add_argument("--largest-3d", action="store_true",
+                    help="keep only the largest 3D region of each case (its slices stacked in slice order)")
     ap.add_argument("--tta", action="store_true", help="average the probabilities of identity, h-flip and v-flip")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -633,6 +656,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg predict") -> int:
     try:
         opts = PredictOptions(
             threshold=args.threshold, batch_size=args.batch_size, tta=args.tta, min_area=args.postprocess_min_area,
+            largest_3d=args.largest_3d,
             device=args.device, seed=args.seed, allow_missing_attributes=args.allow_missing_attributes,
         )
         slices = predict(args.model, args.input, args.output, args.attributes, opts)
