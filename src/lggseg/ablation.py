@@ -33,7 +33,7 @@ import pandas as pd
 from lggseg.config import ConfigError, deep_merge, load_section, read_params, resolve_variant, variant_names
 from lggseg.errors import USER_ERRORS
 from lggseg.hardware import machine_record
-from lggseg.io import write_csv, write_json
+from lggseg.io import write_csv, write_json, write_text
 
 # The numbers an ablation row keeps from each metrics block.
 ROW_METRICS = ("dice_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate")
@@ -103,6 +103,27 @@ def run_arm(name: str, params: Mapping[str, Any], variant: str, store_dir: Path,
     return row
 
 
+# Columns of the Markdown summary: (column prefix, heading) per split/inference setting.
+_SETTINGS = (("val_", "val"), ("val_tta_pp_", "val TTA+pp"), ("test_", "test"), ("test_tta_pp_", "test TTA+pp"))
+_SHORT = {"dice_slice_mean": "slice", "dice_tumour_slices": "tumour", "dice_patient_3d": "3D", "dice_micro": "micro",
+          "empty_fp_rate": "FP"}
+
+
+def markdown(table: pd.DataFrame, chosen: str) -> str:
+    """``ablation.csv`` as a Markdown table (Dice conventions and the empty-slice FP rate per setting)."""
+    from lggseg.report import _md_table
+
+    header = ["arm", "epochs", "train min", *(f"{h} {_SHORT[k]}" for _, h in _SETTINGS for k in ROW_METRICS)]
+    rows = []
+    for r in table.to_dict("records"):
+        name = f"**{r['arm']}** (chosen)" if r["arm"] == chosen else r["arm"]
+        cells = [name, str(r["epochs_done"]), f"{r['train_minutes']:.1f}"]
+        for prefix, _ in _SETTINGS:
+            cells += [f"{r.get(prefix + k, float('nan')):.3f}" for k in ROW_METRICS]
+        rows.append(cells)
+    return "\n".join(_md_table(header, rows)) + "\n"
+
+
 def choose(table: pd.DataFrame, tie: float = 0.005) -> str:
     """The arm with the best validation slice-mean Dice; within ``tie`` of it, the best val 3D Dice.
 
@@ -139,7 +160,9 @@ def run_ablation(base_path: str | Path, arms_path: str | Path, variant: str, sto
         print(f"[ablation] {name}: val slice-mean {row['val_dice_slice_mean']:.4f}, val 3D "
               f"{row['val_dice_patient_3d']:.4f}, {row['epochs_done']} epochs in {row['train_minutes']} min", flush=True)
     table = pd.DataFrame(rows)
-    print(f"[ablation] chosen on validation: {choose(table)}", flush=True)
+    chosen = choose(table)
+    write_text(out_dir / "ablation.md", markdown(table, chosen))
+    print(f"[ablation] chosen on validation: {chosen}", flush=True)
     return table
 
 
