@@ -183,3 +183,44 @@ def test_pickling_sends_memmap_references_not_pixels(tmp_path):
 def test_item_seed_differs_between_coordinates():
     seeds = {item_seed(s, e, r) for s in range(3) for e in range(3) for r in range(3)}
     assert len(seeds) == 27
+
+
+# --------------------------------------------------------------------------- EmptySliceSubsampler
+
+
+def test_empty_slice_subsampler_keeps_every_tumour_slice_and_a_fresh_share_of_the_rest():
+    from lggseg.dataset import EmptySliceSubsampler
+
+    is_tumour = np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=bool)  # 3 tumour, 7 empty
+    s = EmptySliceSubsampler(is_tumour, 0.5, seed=4)
+    assert len(s) == 3 + 4  # round(0.5 * 7) = 4 empty slices per epoch
+    draws = []
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        got = list(s)
+        assert len(got) == len(set(got)) == 7
+        assert {0, 3, 8} <= set(got)
+        draws.append(got)
+    s.set_epoch(0)
+    assert list(s) == draws[0]  # a function of (seed, epoch): a resumed run replays it
+    assert draws[0] != draws[1]
+    assert EmptySliceSubsampler(is_tumour, 1.0, seed=4).__len__() == 10
+
+
+def test_empty_slice_subsampler_shards_like_distributed_sampler():
+    from lggseg.dataset import EmptySliceSubsampler
+
+    is_tumour = np.arange(11) % 3 == 0  # 4 tumour, 7 empty
+    ranks = [EmptySliceSubsampler(is_tumour, 0.4, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    # 4 + round(2.8) = 7 positions, cut to 6 for 2 ranks; the ranks share them without overlap
+    shards = [list(r) for r in ranks]
+    assert [len(x) for x in shards] == [3, 3] and not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(ranks[0].positions().tolist())
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5])
+def test_empty_slice_subsampler_rejects_a_bad_fraction(fraction):
+    from lggseg.dataset import EmptySliceSubsampler
+
+    with pytest.raises(DataError, match="fraction"):
+        EmptySliceSubsampler(np.ones(3, dtype=bool), fraction, seed=0)

@@ -145,3 +145,21 @@ def test_budget_and_schedule_are_part_of_the_run_identity(store_dir):
     assert run_fingerprint(tiny_run(max_minutes=5), SEED, data) != base
     assert run_fingerprint(tiny_run(lr_schedule="cosine"), SEED, data) != base
     assert torch.get_num_threads() >= 1  # the runs above restored the thread setting
+
+
+def test_empty_slice_fraction_shortens_epochs_and_stays_deterministic(store_dir, tmp_path):
+    import numpy as np
+
+    from lggseg.manifest import load_store
+
+    store = load_store(store_dir)
+    train = store.indices("train")
+    tumour = int((store.table["tumour_pixels"].to_numpy()[train] > 0).sum())
+    expected = (tumour + round(0.5 * (len(train) - tumour))) // 4  # batch 4, last partial batch dropped
+    runs = [train_variant(tiny_run(epochs=1, empty_slice_fraction=0.5), store_dir, tmp_path / f"r{k}", SEED) for k in (0, 1)]
+    assert runs[0]["history"] == runs[1]["history"]
+    full = train_variant(tiny_run(epochs=1), store_dir, tmp_path / "full", SEED)
+    assert np.isclose(runs[0]["images_per_second"] * runs[0]["train_seconds"], expected * 4, rtol=0.02)
+    assert full["fingerprint"] != runs[0]["fingerprint"]
+    with pytest.raises(ConfigError, match="empty_slice_fraction"):
+        _cfg(empty_slice_fraction=0)

@@ -260,6 +260,8 @@ class TrainConfig:
     # before an epoch that would not fit. With a budget, the number of epochs is planned after the
     # first one (min(epochs, budget / first epoch's time)) and the cosine schedule spans that plan.
     max_minutes: float | None = None
+    # Share of the tumour-free train slices drawn (afresh) each epoch; every tumour slice is always in.
+    empty_slice_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
@@ -272,6 +274,8 @@ class TrainConfig:
         _require(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         _require(_is_num(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
                  f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs!r}")
+        _require(_is_num(self.empty_slice_fraction) and 0 < self.empty_slice_fraction <= 1,
+                 f"train.empty_slice_fraction must be in (0, 1], got {self.empty_slice_fraction!r}")
         _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
                  f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
 

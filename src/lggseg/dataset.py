@@ -175,3 +175,42 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class EmptySliceSubsampler(Sampler):
+    """Each epoch: every tumour slice plus a fresh random ``fraction`` of the tumour-free ones, shuffled.
+
+    Two thirds of the LGG slices have an empty mask; on a small compute budget (the laptop recipe)
+    seeing all of them every epoch spends most of the time on the easy case. The draw and the order
+    are functions of ``(seed, epoch)`` alone, so a resumed run replays them; with ``num_replicas``
+    processes each rank takes an interleaved share (the total cut to a multiple of the ranks), like
+    ``DistributedSampler``. Yields positions into the dataset (``0..len(is_tumour)-1``).
+    """
+
+    def __init__(self, is_tumour: np.ndarray, fraction: float, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        is_tumour = np.asarray(is_tumour, dtype=bool)
+        if is_tumour.ndim != 1:
+            raise DataError(f"EmptySliceSubsampler: is_tumour must be 1-D, got shape {is_tumour.shape}")
+        if not 0 < fraction <= 1:
+            raise DataError(f"EmptySliceSubsampler: fraction must be in (0, 1], got {fraction!r}")
+        self.tumour = np.flatnonzero(is_tumour)
+        self.empty = np.flatnonzero(~is_tumour)
+        self.n_empty = int(round(fraction * len(self.empty)))
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.epoch = 0
+        self.total = (len(self.tumour) + self.n_empty) // self.num_replicas * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def positions(self) -> np.ndarray:
+        """All ranks' positions of this epoch, in order (before sharding)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chosen = np.concatenate([self.tumour, rng.choice(self.empty, self.n_empty, replace=False)])
+        return rng.permutation(chosen)[: self.total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(i) for i in self.positions()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas

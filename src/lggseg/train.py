@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from lggseg.config import ConfigError, RunConfig, TrainConfig
-from lggseg.dataset import EpochSampler, SliceDataset
+from lggseg.dataset import EmptySliceSubsampler, EpochSampler, SliceDataset
 from lggseg.errors import DataError, TrainingError
 from lggseg.hardware import cpu_bf16, machine_facts, resolve_device, software_versions
 from lggseg.io import atomic_path, write_json
@@ -484,9 +484,13 @@ class _Trainer:
         # Each rank validates an interleaved share of the val slices; the sums are all-reduced.
         val_ds = SliceDataset(store, val_idx[info.rank :: info.world_size], size, None)
         # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
-        self.sampler = EpochSampler(
-            DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed, drop_last=True)
-        )
+        if cfg.empty_slice_fraction < 1:
+            is_tumour = store.table["tumour_pixels"].to_numpy()[train_idx] > 0
+            base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank)
+        else:
+            base = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
+                                      drop_last=True)
+        self.sampler = EpochSampler(base)
         self.loader_gen = torch.Generator().manual_seed(seed)
         # drop_last: no ragged last batch (BatchNorm on a batch of one fails; compiled graphs stay static)
         self.train_loader = self._loader(train_ds, batch, self.sampler, drop_last=True)
