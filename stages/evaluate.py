@@ -6,6 +6,7 @@ Writes ``metrics/<variant>.json`` and ``data/eval/<variant>/{slices.csv, patient
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from lggseg.config import load_section, read_params
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--rows", required=True, help="directory for slices.csv, patients.csv, figure_slices.npz")
     args = ap.parse_args(argv)
+    # lggseg's notes (the device chosen, why a GPU is not used) on stderr; other libraries stay quiet
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("lggseg").setLevel(logging.INFO)
     try:
         params = read_params(args.params)
         cfg, post = load_section("evaluate", params), load_section("postprocess", params)

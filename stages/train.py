@@ -7,6 +7,7 @@ An interrupted run continues from its last epoch checkpoint; ``--no-resume`` sta
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="models/<variant>")
     ap.add_argument("--no-resume", dest="resume", action="store_false")
     args = ap.parse_args(argv)
+    # lggseg's notes (the device chosen, why a GPU is not used) on stderr; other libraries stay quiet
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("lggseg").setLevel(logging.INFO)
     try:
         run = load_run_config(args.config)
         if run.variant != args.variant:

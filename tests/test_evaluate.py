@@ -139,6 +139,53 @@ def test_single_seed_rows_and_metrics_by_hand():
     assert pats.loc["TCGA_CC_0003", "dice_3d"] == pytest.approx(128 / 208)
 
 
+FINGERPRINT = {"n_files": 12, "total_bytes": 3456, "sha256": "ab" * 32}
+TRAINED = {  # what lggseg.train writes into model.json
+    "seed": 23, "epochs": 50, "epochs_done": 3, "epochs_planned": 3, "max_minutes": 30.0,
+    "stop_reason": "time budget: train.max_minutes=30 fits 3 of 50 epochs at 600 s for the first",
+    "best_epoch": 3, "best_val_dice": 0.8, "best_epoch_gamma": 0.0, "selection_rule": "last epoch: ...",
+    "wall_seconds": 1800.5, "train_seconds": 1500.0, "device": "cuda", "world_size": 1, "pretrained": True,
+    "hardware": {"device": "cuda", "device_name": "NVIDIA H200", "bf16_autocast": True, "precision": "bf16 autocast"},
+    "software": {"torch": "2.14.1", "timm": "1.0.31", "segmentation_models_pytorch": "0.6.0"}, "fingerprint": "f" * 16,
+}
+
+
+def test_provenance_block_by_hand():
+    store = make_store()
+    store.meta = {"source": "kaggle", "fingerprint": FINGERPRINT, "split_unit": "patient", "split_seed": 23}
+    res = evaluate_loaded({23: (BrightModel(), {**_meta(attributes=False), **TRAINED})}, store, CFG, POST, "cpu")
+    prov = res.metrics["provenance"]
+    assert prov["data"] == {
+        "source": "kaggle", "fingerprint": FINGERPRINT, "split_unit": "patient", "n_slices": 6,
+        "splits": {"train": {"patients": 1, "cases": 1, "slices": 1}, "val": {"patients": 0, "cases": 0, "slices": 0},
+                   "test": {"patients": 2, "cases": 2, "slices": 5}},
+    }
+    assert prov["image_size"] == S and prov["seeds"] == {"train": [23], "split": 23, "bootstrap": 0}
+    train = prov["training"]["23"]
+    assert train == {"image_size": S, **{k: TRAINED[k] for k in train if k != "image_size"}}
+    assert set(train) >= {"epochs_planned", "epochs_done", "stop_reason", "pretrained", "hardware", "software",
+                          "wall_seconds", "best_epoch_gamma", "selection_rule"}
+    assert prov["evaluation"]["device"] == "cpu" and prov["evaluation"]["software"]["torch"] == torch.__version__
+    assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    json.dumps(res.metrics, allow_nan=False)
+
+
+def test_provenance_of_a_model_saved_before_the_new_keys(tmp_path):
+    """Older model dirs: model.json without the training facts, result.json with some; defaults fill the rest."""
+    (tmp_path / "result.json").write_text(json.dumps({"device": "cpu", "epochs": 8, "wall_seconds": 1260.0}))
+    meta = {**_meta(image_size=16, attributes=False), "epochs": 8, "run_config": {"model": {"pretrained": False}},
+            "model_dir": str(tmp_path)}
+    models = {1: (BrightModel(), meta), 2: (BrightModel(), _meta(image_size=32, attributes=False))}
+    prov = evaluate_loaded(models, make_store(), CFG, POST, "cpu").metrics["provenance"]
+    old = prov["training"]["1"]
+    assert (old["device"], old["wall_seconds"], old["pretrained"]) == ("cpu", 1260.0, False)
+    assert (old["epochs_planned"], old["epochs_done"], old["stop_reason"]) == (8, 8, "completed")
+    assert old["hardware"] is None and old["selection_rule"] is None
+    assert prov["training"]["2"]["stop_reason"] is None  # nothing known, nothing invented
+    assert prov["image_size"] == [16, 32]  # two seeds at two sizes: both listed
+    assert prov["data"]["source"] is None and prov["data"]["fingerprint"] is None  # a store without store.json facts
+
+
 def test_no_postprocessing_block_when_disabled():
     res = evaluate_loaded({1: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, PostprocessConfig(min_area=0), "cpu")
     assert "postprocessed" not in res.metrics

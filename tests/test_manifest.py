@@ -158,6 +158,17 @@ def test_store_json(demo_store):
     assert {"n_slices", "height", "width", "attribute_names", "attribute_columns", "fingerprint"} <= set(meta)
     assert meta["n_slices"] == len(store) and (meta["height"], meta["width"]) == (256, 256)
     assert meta["fingerprint"]["n_files"] == 2 * len(store) + 2  # TIFFs + data.csv + README.txt
+    assert meta["source"] is None  # a raw folder the fetch stage did not write has no recorded source
+
+
+def test_store_json_records_the_fetched_source(tmp_path):
+    from lggseg.config import FetchConfig
+    from lggseg.fetch import fetch
+
+    fp = fetch(FetchConfig(source="demo", demo_cases=3), tmp_path / "raw")
+    build_manifest(tmp_path / "raw" / "kaggle_3m", tmp_path / "store", CommonConfig(), ManifestConfig())
+    meta = load_store(tmp_path / "store").meta
+    assert meta["source"] == "demo" and meta["fingerprint"]["sha256"] == fp["sha256"]
 
 
 def test_fingerprint_matches_fetch(demo_kaggle_dir, demo_store):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -147,6 +148,20 @@ def test_blob_study_hard_counts_equal_bce_and_json(study):
     iso = study["sgd"]["isolated_bce"]
     assert iso["after"]["region_mean_prob"] == pytest.approx(iso["before"]["region_mean_prob"])
     assert iso["after"]["near_blob_area"] == 0
+
+
+def test_blob_study_records_the_first_step(study):
+    """One SGD step of isolated_bce takes the blob from p = 0.982 to ~0 and leaves the true region as it was.
+
+    The term is a mean over the 16 isolated pixels, not over all 64 x 64, so at lr = H*W each blob logit
+    moves by 4096 / 16 * (p - y) = 251: the size of that step is the learning rate's doing."""
+    iso = study["sgd"]["isolated_bce"]
+    assert iso["before"]["blob_mean_prob"] == pytest.approx(1 / (1 + math.exp(-4.0)))  # start logit 4
+    assert iso["after_one_step"]["blob_mean_prob"] < 1e-3
+    assert iso["after_one_step"]["region_mean_prob"] == iso["before"]["region_mean_prob"]
+    # plain BCE's first SGD step moves each logit by p - y = 0.982 only: the blob stays above 0.5
+    bce = study["sgd"]["bce"]["after_one_step"]["blob_mean_prob"]
+    assert bce == pytest.approx(1 / (1 + math.exp(-(4.0 - 1 / (1 + math.exp(-4.0))))), abs=1e-5)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from lggseg.report import (
     load_metrics,
     paper_matches,
     paper_table_markdown,
+    provenance_lines,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,6 +274,98 @@ def test_data_source(tmp_path, fetch_json, params_source, kind):
     source = data_source(tmp_path, params)
     assert source.kind == kind and source.demo == (kind == "demo")
     assert ("not found" in source.detail) == (fetch_json is None)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def provenance(size: int = 256, source: str = "kaggle", sha: str = "ab" * 32, hours: float = 1.0) -> dict:
+    """A provenance block in the layout of lggseg.evaluate (one seed trained on a GPU in bf16)."""
+    return {
+        "data": {"source": source, "fingerprint": {"n_files": 7860, "total_bytes": 1, "sha256": sha},
+                 "split_unit": "patient", "n_slices": 3929, "splits": {}},
+        "image_size": size,
+        "seeds": {"train": [23], "split": 23, "bootstrap": 23},
+        "training": {"23": {"image_size": size, "pretrained": True, "epochs": 50, "epochs_done": 50,
+                            "stop_reason": "completed", "wall_seconds": hours * 3600, "device": "cuda",
+                            "hardware": {"device": "cuda", "device_name": "NVIDIA H200", "precision": "bf16 autocast"},
+                            "software": {"torch": "2.14.1", "timm": "1.0.31", "segmentation_models_pytorch": "0.6.0"}}},
+        "evaluation": {"device": "cuda", "software": {"torch": "2.14.1"}},
+        "git_commit": "1f4f4dbaed57c7fc7d32e711d8d8b6a02d485a5f",
+    }
+
+
+TABLE2 = ("regnet_attr_bce", "regnet_attr_bce_dice", "regnet_attr_bce_dice_outlier")
+
+
+def table2_lines(provs: dict[str, dict | None]) -> list[str]:
+    metrics = {n: metrics_file(0.85) for n in PARAMS["variants"]}
+    for name, prov in provs.items():
+        if prov is not None:
+            metrics[name]["provenance"] = prov
+    md = paper_table_markdown("table2", results_for(PARAMS, metrics))
+    return [line for line in md if line.startswith(("Provenance:", "**Warning"))]
+
+
+def test_one_provenance_line_under_a_table_of_alike_results():
+    lines = table2_lines({n: provenance() for n in TABLE2})
+    assert lines == [
+        "Provenance: kaggle data abababababab, patient split seed 23 · 256 px · cuda (NVIDIA H200), bf16 autocast · "
+        "50/50 epochs · pretrained · seed 23 · training 3.00 h in all · torch 2.14.1, timm 1.0.31, smp 0.6.0 · "
+        "commit 1f4f4dbaed."
+    ]
+
+
+def test_mixed_image_sizes_are_named_in_a_warning():
+    provs = {n: provenance() for n in TABLE2}
+    provs["regnet_attr_bce_dice_outlier"] = provenance(size=64)
+    line, warning = table2_lines(provs)
+    assert "256 px (`regnet_attr_bce`, `regnet_attr_bce_dice`); 64 px (`regnet_attr_bce_dice_outlier`)" in line
+    assert warning.startswith("**Warning: this table mixes results made on different image sizes (256 px")
+    assert "data (" not in warning
+
+
+def test_mixed_data_sources_are_named_in_a_warning():
+    provs = {n: provenance() for n in TABLE2}
+    provs["regnet_attr_bce"] = provenance(source="demo", sha="cd" * 32)
+    _, warning = table2_lines(provs)
+    assert "different data (demo data cdcdcdcdcdcd, patient split seed 23 (`regnet_attr_bce`); kaggle data " in warning
+    assert "image sizes" not in warning
+
+
+def test_results_without_provenance_are_flagged():
+    provs = {n: provenance() for n in TABLE2}
+    provs["regnet_attr_bce_dice"] = None
+    line, warning = table2_lines(provs)
+    assert line.startswith("Provenance: kaggle data")
+    assert warning.startswith("**Warning: no provenance recorded for `regnet_attr_bce_dice`")
+    assert table2_lines({}) == ["Provenance: not recorded (these metrics files were written before evaluation recorded it)."]
+
+
+def test_a_time_budget_stop_and_a_cpu_run_show_in_the_line():
+    prov = provenance(size=64)
+    prov["training"]["23"].update(epochs_done=3, stop_reason="time budget: train.max_minutes=30 fits 3 of 50 epochs",
+                                  pretrained=False, hardware={"device": "cpu", "device_name": "AMD EPYC",
+                                                              "precision": "float32"})
+    (line, _) = provenance_lines(results_for(PARAMS, {"regnet_attr_bce": {**metrics_file(0.8), "provenance": prov}}))
+    assert "cpu (AMD EPYC), float32 · 3/50 epochs (time budget: train.max_minutes=30 fits 3 of 50 epochs) · random init" in line
+
+
+def test_build_report_prints_provenance_under_every_table(tmp_path):
+    dirs = write_inputs(tmp_path, PARAMS)
+    for path in dirs["metrics"].glob("*_*.json"):
+        data = json.loads(path.read_text())
+        data["provenance"] = provenance(size=64 if path.stem == "unet_bce" else 256)
+        path.write_text(json.dumps(data))
+    md = run_report(dirs, PARAMS).splitlines()
+    dataset = md.index("## Dataset: ground-truth component sizes")
+    tables = [k for k, line in enumerate(md[:dataset]) if line.startswith("| ---")]
+    assert len(tables) == 5  # Tables 2-4, variants not in the paper, post-processing
+    for k in tables:
+        end = next(i for i in range(k, len(md)) if not md[i].startswith("|"))
+        assert md[end + 1].startswith("Provenance: "), md[k - 2]
+    warnings = [line for line in md if line.startswith("**Warning: this table mixes")]
+    assert len(warnings) == 1 and "64 px (`unet_bce`)" in warnings[0]  # Table 4 only
 
 
 # --------------------------------------------------------------------------- loud failures

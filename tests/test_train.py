@@ -47,12 +47,12 @@ SEED = 5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def tiny_run(epochs: int = 2, **train: object) -> RunConfig:
+def tiny_run(epochs: int = 2, loss: dict | None = None, **train: object) -> RunConfig:
     """The paper's full model (attributes, BCE + Dice + outlier) with a 0.1M-parameter encoder at 64 px."""
     over = {
         "common": {"image_size": 64, "device": "cpu"},
         "model": {"encoder": "test_efficientnet", "pretrained": False, "decoder_channels": 32, "attribute_hidden": 16},
-        "loss": {"gamma_warmup_epochs": 1, "gamma_ramp_epochs": 0},
+        "loss": {"gamma_warmup_epochs": 1, "gamma_ramp_epochs": 0, **(loss or {})},
         "train": {"epochs": epochs, "batch_size": 4, "num_workers": 0, "cpu_threads": 1, "log_every": 2, **train},
         "seeds": [SEED],
     }
@@ -118,6 +118,34 @@ def test_fingerprint_ignores_speed_settings_only():
     assert run_fingerprint(tiny_run(), SEED, "other data") != base
 
 
+def test_fingerprint_holds_device_type_and_precision():
+    """A CPU float32 checkpoint or result is never taken for a GPU bf16 run, nor the reverse."""
+    fps = {(dev, bf16): run_fingerprint(tiny_run(), SEED, "data", dev, bf16)
+           for dev in ("cpu", "cuda") for bf16 in (False, True)}
+    assert len(set(fps.values())) == 4
+    assert run_fingerprint(tiny_run(), SEED, "data") == fps["cpu", False]  # the defaults
+
+
+def test_train_variant_keys_results_by_device_and_precision(trained, store_dir, monkeypatch):
+    """The stored result was made on the CPU in float32; a bf16 set-up of the same config must not take it."""
+    import lggseg.train as T
+
+    out, result = trained
+    assert result["fingerprint"] == run_fingerprint(tiny_run(), SEED, T._store_fingerprint(store_dir), "cpu", False)
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen["fingerprint"] = args[5]
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(T, "step_setup", lambda cfg, device: T.StepSetup("ours", bf16=True))
+    monkeypatch.setattr(T, "_Trainer", stop)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        train_variant(tiny_run(), store_dir, out.parent / "bf16", SEED)
+    assert seen["fingerprint"] == run_fingerprint(tiny_run(), SEED, T._store_fingerprint(store_dir), "cpu", True)
+    assert seen["fingerprint"] != result["fingerprint"]
+
+
 def test_a_resplit_store_is_not_resumed(store_dir, tmp_path):
     """Same images, another split: the store fingerprint (and so the run's) must differ."""
     from lggseg.train import _store_fingerprint
@@ -160,13 +188,21 @@ def test_training_writes_model_logs_and_result(trained, store_dir):
     assert val == [row["val/dice"] for row in result["history"]]
     assert len(_tsv(out, "train/loss")) == 2 and len(_tsv(out, "train/loss_outlier")) == 2
     assert _tsv(out, "gamma") == [0.0, 1.0]  # one warm-up epoch, then the full outlier weight
-    assert result["best_val_dice"] == pytest.approx(max(val))
-    assert result["best_epoch"] == int(np.argmax(val)) + 1
+    # only epoch 2 has the full outlier weight, so it is kept whatever epoch 1 scored
+    assert (result["best_epoch"], result["best_val_dice"], result["best_epoch_gamma"]) == (2, val[1], 1.0)
+    assert result["selection_rule"].endswith("among the epochs at the full outlier weight gamma=1 (epoch 2 on)")
+    hw = result["hardware"]
+    assert (result["device"], hw["device"], hw["bf16_autocast"], hw["precision"]) == ("cpu", "cpu", False, "float32")
+    assert hw["device_name"] and isinstance(hw["cpu_native_bf16"], bool)
+    assert result["software"]["torch"] == torch.__version__ and result["pretrained"] is False
+    assert (result["epochs_done"], result["epochs_planned"], result["stop_reason"]) == (2, 2, "completed")
     assert 0 <= result["best_val_dice"] <= 1 and result["images_per_second"] > 0
 
     model, meta = load_model(out)
     store = load_store(store_dir)
     assert meta["attribute_names"] == store.attribute_names and meta["best_epoch"] == result["best_epoch"]
+    for key in ("best_epoch_gamma", "selection_rule", "epochs_planned", "hardware", "software", "pretrained", "device"):
+        assert meta[key] == result[key], key
     assert meta["run_config"]["variant"] == "regnet_attr_bce_dice_outlier" and meta["seed"] == SEED
     # the saved weights are the best epoch's: recomputing the validation Dice gives best_val_dice
     from lggseg.dataset import SliceDataset
@@ -197,6 +233,58 @@ def test_same_seed_same_metrics_and_weights_on_cpu(trained, store_dir, tmp_path)
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "seed_5" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# (gamma warm-up, ramp, train.epochs, max_minutes, val Dice per epoch, kept epoch, its gamma, rule)
+SELECTION_CASES = [
+    # full gamma from epoch 2: epoch 1's higher Dice does not count, the best of epochs 2-3 does
+    (1, 0, 3, None, [0.9, 0.4, 0.6], 3, 1.0, "among the epochs at the full outlier weight gamma=1 (epoch 2 on)"),
+    # ramp over 2 epochs: gamma 0, 0.5, 1; only epoch 3 is at full weight
+    (1, 2, 3, None, [0.9, 0.8, 0.3], 3, 1.0, "among the epochs at the full outlier weight gamma=1 (epoch 3 on)"),
+    # never at full weight within train.epochs: the last epoch, and the rule says so
+    (5, 0, 2, None, [0.9, 0.4], 2, 0.0, "last epoch: no trained epoch reached the full outlier weight gamma=1 "
+                                         "(never within train.epochs)"),
+    # a time budget that allows one epoch of three stops in the warm-up
+    (1, 0, 3, 1e-6, [0.9], 1, 0.0, "last epoch: no trained epoch reached the full outlier weight gamma=1 "
+                                   "(not before epoch 2)"),
+]
+
+
+@pytest.mark.parametrize(("warmup", "ramp", "epochs", "budget", "dices", "kept", "gamma", "rule"), SELECTION_CASES)
+def test_best_epoch_is_chosen_at_full_gamma(store_dir, tmp_path, monkeypatch, warmup, ramp, epochs, budget, dices, kept,
+                                            gamma, rule):
+    import lggseg.train as T
+
+    snapshots = []
+
+    def validate(self, epoch):  # the chosen Dice; and the weights this epoch would be kept with
+        snapshots.append(T._cpu_tensors("", self.model.state_dict()))
+        return torch.tensor([0.5, dices[epoch], 1.0], dtype=torch.float64)
+
+    monkeypatch.setattr(T._Trainer, "validate", validate)
+    run = tiny_run(epochs, loss={"gamma_warmup_epochs": warmup, "gamma_ramp_epochs": ramp}, max_minutes=budget)
+    out = tmp_path / "seed_5"
+    result = train_variant(run, store_dir, out, SEED)
+    assert [row["val/dice"] for row in result["history"]] == dices
+    assert (result["best_epoch"], result["best_val_dice"], result["best_epoch_gamma"]) == (kept, dices[kept - 1], gamma)
+    assert rule in result["selection_rule"]
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["best_epoch"], meta["best_epoch_gamma"], meta["selection_rule"]) == (kept, gamma, result["selection_rule"])
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], snapshots[kept - 1][k]) for k in saved)  # that epoch's weights
+
+
+def test_without_the_outlier_term_every_epoch_counts(store_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    import lggseg.train as T
+
+    monkeypatch.setattr(T._Trainer, "validate", lambda self, epoch: torch.tensor([0.5, [0.9, 0.4][epoch], 1.0]))
+    run = tiny_run(2)
+    run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, terms=("bce", "dice")))
+    result = train_variant(run, store_dir, tmp_path / "seed_5", SEED)
+    assert (result["best_epoch"], result["best_epoch_gamma"]) == (1, 0.0)
+    assert result["selection_rule"].endswith("over all epochs (no outlier term)")
 
 
 def test_train_all_seeds_writes_summary(store_dir, tmp_path):

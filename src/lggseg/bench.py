@@ -777,7 +777,7 @@ def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """``auto | cpu | cuda`` (or a device) -> a device; a CUDA device always gets its index."""
-    from lggseg.evaluate import resolve_device as _resolve
+    from lggseg.hardware import resolve_device as _resolve
 
     device = _resolve(name)
     if device.type == "cuda" and device.index is None:

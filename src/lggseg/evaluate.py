@@ -13,6 +13,13 @@ deviations (ddof 1) and ``per_seed`` each seed's own block. The bootstrap interv
 top level are computed on the seed-averaged per-slice (per-patient) Dice, whose mean is exactly
 the reported seed mean, so they describe patient-sampling uncertainty of that number.
 
+Every metrics file carries a ``provenance`` block (:func:`provenance`): the data source and its
+fingerprint, patients/cases/slices per split, the image size, the seeds, for each seed's model the
+device and precision it was trained with, its epochs (planned, done, why it stopped, which one was
+kept and by what rule), pretrained or random initialisation and training time, the library
+versions and the git commit. The report prints it under each table and warns when one table mixes
+data or image sizes, so that numbers made under different conditions are never compared silently.
+
 It also keeps five test slices for the report's Figures 7 and 8: the paper's five image IDs
 (Fig. 8 caption) that fall in the test split, completed by tumour slices at evenly spaced
 quantiles of tumour size (:func:`select_figure_rows`).
@@ -20,6 +27,7 @@ quantiles of tumour size (:func:`select_figure_rows`).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -32,9 +40,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lggseg.config import ConfigError, EvaluateConfig, PostprocessConfig
+from lggseg.config import EvaluateConfig, PostprocessConfig
 from lggseg.dataset import SliceDataset
 from lggseg.errors import DataError, ModelError
+from lggseg.hardware import git_commit, resolve_device, software_versions
 from lggseg.io import atomic_dir, atomic_path, write_csv, write_json
 from lggseg.metrics import SUMMARY_KEYS, bootstrap_ci, patient_rows, slice_stats, summarize
 from lggseg.postprocess import remove_small_components
@@ -62,19 +71,6 @@ class Evaluation(NamedTuple):
     slices: pd.DataFrame
     patients: pd.DataFrame
     figures: dict[str, np.ndarray]
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("common.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def find_model_dirs(models_dir: str | Path) -> dict[int, Path]:
@@ -305,6 +301,7 @@ def evaluate_loaded(
     metrics["tta"] = cfg.tta
     if len(seeds) > 1:
         metrics["per_seed"] = {str(s): per_seed[s] for s in seeds}
+    metrics["provenance"] = provenance(models, store, cfg, device)
 
     figures = {
         "ids": np.array([f"{table.at[r, 'case_id']}_{int(table.at[r, 'slice_index'])}" for r in figure_rows], dtype=str),
@@ -346,6 +343,71 @@ def evaluate_model(
         model, meta = load_model(d, device)
         models[int(seed)] = (model, {**meta, "model_dir": str(d)})
     return evaluate_loaded(models, store, cfg, post, device, split)
+
+
+SPLITS = ("train", "val", "test")
+# Training facts copied from each model's model.json (or, for older models, its result.json).
+_TRAINING_KEYS = ("image_size", "pretrained", "epochs", "epochs_planned", "epochs_done", "stop_reason", "max_minutes",
+                  "best_epoch", "best_val_dice", "best_epoch_gamma", "selection_rule", "wall_seconds", "train_seconds",
+                  "device", "world_size", "hardware", "software", "fingerprint")
+
+
+def _training_record(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``model.json`` over the ``result.json`` beside it; models saved before a key existed lack it."""
+    record: dict[str, Any] = {}
+    model_dir = meta.get("model_dir")
+    if model_dir:
+        try:
+            stored = json.loads((Path(model_dir) / "result.json").read_text())
+            if isinstance(stored, Mapping):
+                record.update(stored)
+        except (OSError, ValueError):
+            pass  # result.json is a by-product; model.json alone still describes the model
+    record.update(meta)
+    return record
+
+
+def training_provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What one seed's model records about its training, with defaults for older model directories."""
+    rec = _training_record(meta)
+    out = {k: rec.get(k) for k in _TRAINING_KEYS}
+    if out["pretrained"] is None:
+        out["pretrained"] = ((rec.get("run_config") or {}).get("model") or {}).get("pretrained")
+    # Before train.max_minutes every run did all its epochs.
+    out["epochs_planned"] = rec.get("epochs_planned", rec.get("epochs"))
+    out["epochs_done"] = rec.get("epochs_done", rec.get("epochs"))
+    if out["stop_reason"] is None and rec.get("epochs") is not None:
+        out["stop_reason"] = "completed"
+    return out
+
+
+def provenance(models: Mapping[int, tuple[torch.nn.Module, Mapping[str, Any]]], store: Any, cfg: EvaluateConfig,
+               device: torch.device) -> dict[str, Any]:
+    """The ``provenance`` block of ``metrics/<variant>.json``: where these numbers come from."""
+    meta = getattr(store, "meta", None) or {}
+    table = store.table
+    splits = {}
+    for split in SPLITS:
+        sub = table[table["split"] == split]
+        splits[split] = {"patients": int(sub["patient_id"].nunique()), "cases": int(sub["case_id"].nunique()),
+                         "slices": int(len(sub))}
+    training = {str(s): training_provenance(m) for s, (_, m) in sorted(models.items())}
+    sizes = sorted({t["image_size"] for t in training.values() if t["image_size"] is not None})
+    return {
+        "data": {
+            "source": meta.get("source"),
+            "fingerprint": meta.get("fingerprint"),
+            "split_unit": meta.get("split_unit"),
+            "n_slices": int(len(table)),
+            "splits": splits,
+        },
+        "image_size": sizes[0] if len(sizes) == 1 else sizes,
+        "seeds": {"train": sorted(int(s) for s in models), "split": meta.get("split_seed"),
+                  "bootstrap": cfg.bootstrap_seed},
+        "training": training,
+        "evaluation": {"device": device.type, "software": software_versions()},
+        "git_commit": git_commit(),
+    }
 
 
 def jsonable(obj: Any) -> Any:

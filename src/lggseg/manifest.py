@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from lggseg.config import CommonConfig, ManifestConfig
 from lggseg.errors import DataError
-from lggseg.fetch import csv_delimiter, fingerprint
+from lggseg.fetch import FINGERPRINT_NAME, csv_delimiter, fingerprint
 from lggseg.io import atomic_dir, write_csv, write_json
 
 RAW_SIZE = 256
@@ -360,6 +360,20 @@ def _decode_all(raw_dir: Path, refs: list[SliceRef], images: np.ndarray, masks: 
 # --------------------------------------------------------------------------- build
 
 
+def fetched_source(raw_dir: Path) -> str | None:
+    """The source kind (kaggle | demo | local) the fetch stage recorded beside ``raw_dir``, else None.
+
+    Results carry it (``store.json`` -> ``provenance``) so that synthetic and real numbers cannot pass
+    for each other; a raw folder that fetch did not write has no record and gives None.
+    """
+    try:
+        record = json.loads((raw_dir.parent / FINGERPRINT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    source = record.get("source") if isinstance(record, dict) else None
+    return str(source) if source else None
+
+
 def build_manifest(
     raw_dir: str | Path, out_dir: str | Path, common: CommonConfig, cfg: ManifestConfig, small_side: int = 7
 ) -> dict:
@@ -425,6 +439,7 @@ def build_manifest(
                 "attribute_names": attribute_names,
                 "attribute_columns": list(common.attribute_columns),
                 "fingerprint": fp,
+                "source": fetched_source(raw_dir),
                 "split_unit": cfg.split_unit,
                 "split_seed": cfg.split_seed,
             },

@@ -250,8 +250,9 @@ def blob_study(
 
     SGD's learning rate defaults to ``H * W`` so that a mean-reduced loss moves each logit by its
     per-pixel gradient (BCE: ``sigmoid(logit) - target`` per step). Returns ``(summary, curves)``:
-    a JSON-able summary with before/after numbers and a verdict per run, and the per-step histories
-    and final probability maps for :func:`render_blob_study`.
+    a JSON-able summary with the numbers before, after the first step (``after_one_step``: the
+    direction and size of one gradient step) and after the last, and a verdict per run; and the
+    per-step histories and final probability maps for :func:`render_blob_study`.
     """
     if steps < 1:
         raise ValueError(f"blob_study: steps must be >= 1, got {steps}")
@@ -291,6 +292,7 @@ def blob_study(
         verdict = "shrinks" if change < -1e-6 else "grows" if change > 1e-6 else "unchanged"
         summary.setdefault(opt, {})[name] = {
             "before": before,
+            "after_one_step": history[1],
             "after": after,
             "near_blob_mass_change": change,
             "verdict": verdict,

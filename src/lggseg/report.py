@@ -14,6 +14,10 @@ Fig. 8 (Table 4 encoders on the same slices), the dataset's ground-truth compone
 
 Inputs that the report needs and cannot read are errors naming the file (:class:`DataError`);
 numbers that come from the synthetic demo data are labelled as such in the tables and figures.
+Under every table one line gives the provenance of its numbers (the ``provenance`` block that
+:mod:`lggseg.evaluate` writes: data, image size, device and precision, epochs, initialisation,
+seeds, training time, versions, commit), and a warning line follows when the table mixes data
+sources/fingerprints or image sizes, whose numbers must not be compared as if alike.
 """
 
 from __future__ import annotations
@@ -181,6 +185,8 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
         _check_block(data["postprocessed"], path, "postprocessed", require_ci=False)
         if not _is_number(data["postprocessed"].get("min_area")):
             raise DataError(f"{path}: postprocessed.min_area must be a number")
+    if "provenance" in data and not isinstance(data["provenance"], Mapping):
+        raise DataError(f"{path}: provenance must be a JSON object, got {type(data['provenance']).__name__}")
     seeds = data.get("seeds")
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise DataError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -378,6 +384,111 @@ class Result:
         return self.run.label or self.name
 
 
+# --------------------------------------------------------------------------- provenance
+
+
+def _provenance(r: Result) -> Mapping[str, Any] | None:
+    p = r.metrics.get("provenance")
+    return p if isinstance(p, Mapping) else None
+
+
+def _data_identity(p: Mapping[str, Any]) -> str:
+    """Source, raw-data fingerprint and split of ``p``: results that differ here were not made on the same data."""
+    data = p.get("data") or {}
+    fp = data.get("fingerprint")
+    sha = fp.get("sha256") if isinstance(fp, Mapping) else None
+    split_seed = (p.get("seeds") or {}).get("split")
+    return (f"{data.get('source') or 'unknown-source'} data {sha[:12] if sha else '(no fingerprint)'}, "
+            f"{data.get('split_unit') or 'unknown'} split seed {split_seed if split_seed is not None else '?'}")
+
+
+def _image_size(p: Mapping[str, Any]) -> str:
+    size = p.get("image_size")
+    return f"{'/'.join(str(s) for s in size) if isinstance(size, list) else size} px"
+
+
+def _joined(values: Sequence[str]) -> str:
+    return ", ".join(dict.fromkeys(values)) or "not recorded"
+
+
+def _training_fields(p: Mapping[str, Any]) -> dict[str, str]:
+    runs = [t for t in (p.get("training") or {}).values() if isinstance(t, Mapping)]
+
+    def device(t: Mapping[str, Any]) -> str:
+        hw = t.get("hardware") or {}
+        where = hw.get("device") or t.get("device") or "device not recorded"
+        name = f" ({hw['device_name']})" if hw.get("device_name") else ""
+        return f"{where}{name}, {hw.get('precision') or 'precision not recorded'}"
+
+    def epochs(t: Mapping[str, Any]) -> str:
+        stop = t.get("stop_reason")
+        text = f"{t.get('epochs_done', '?')}/{t.get('epochs', '?')} epochs"
+        return text if stop in (None, "completed") else f"{text} ({stop})"
+
+    def init(t: Mapping[str, Any]) -> str:
+        return {True: "pretrained", False: "random init"}.get(t.get("pretrained"), "init not recorded")
+
+    software = next((t.get("software") for t in runs if t.get("software")), None) or \
+        (p.get("evaluation") or {}).get("software") or {}
+    versions = ", ".join(f"{short} {software[key]}" for key, short in
+                         (("torch", "torch"), ("timm", "timm"), ("segmentation_models_pytorch", "smp"))
+                         if software.get(key))
+    seeds = (p.get("seeds") or {}).get("train") or []
+    commit = p.get("git_commit")
+    return {
+        "data": _data_identity(p),
+        "size": _image_size(p),
+        "device": _joined([device(t) for t in runs]),
+        "epochs": _joined([epochs(t) for t in runs]),
+        "init": _joined([init(t) for t in runs]),
+        "seeds": ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds),
+        "software": versions or "versions not recorded",
+        "commit": f"commit {commit[:10]}" if commit else "no git commit",
+    }
+
+
+def _wall_hours(p: Mapping[str, Any]) -> float:
+    return sum(float(t.get("wall_seconds") or 0.0) for t in (p.get("training") or {}).values()
+               if isinstance(t, Mapping)) / 3600.0
+
+
+def _grouped(values: Mapping[str, str]) -> str:
+    """One value if every variant shares it, else each value with its variants."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(value, []).append(name)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{v} ({', '.join(f'`{n}`' for n in names)})" for v, names in groups.items())
+
+
+def provenance_lines(results: Sequence[Result]) -> list[str]:
+    """The one-line provenance of a table's results, and a warning line when they mix data or image sizes."""
+    if not results:
+        return []
+    known = {r.name: p for r in results if (p := _provenance(r)) is not None}
+    missing = [r.name for r in results if r.name not in known]
+    if not known:
+        return ["Provenance: not recorded (these metrics files were written before evaluation recorded it).", ""]
+    fields = {name: _training_fields(p) for name, p in known.items()}
+    parts = [_grouped({n: f[key] for n, f in fields.items()}) for key in next(iter(fields.values()))]
+    hours = sum(_wall_hours(p) for p in known.values())
+    parts.insert(len(parts) - 2, f"training {hours:.2f} h in all")
+    lines = ["Provenance: " + " · ".join(parts) + "."]
+    mixed = []
+    for key, what in (("data", "data"), ("size", "image sizes")):
+        values = {n: f[key] for n, f in fields.items()}
+        if len(set(values.values())) > 1:
+            mixed.append(f"{what} ({_grouped(values)})")
+    if mixed:
+        lines.append(f"**Warning: this table mixes results made on different {' and '.join(mixed)}; "
+                     "their numbers are not comparable as they stand.**")
+    if missing:
+        lines.append(f"**Warning: no provenance recorded for {', '.join(f'`{n}`' for n in missing)} (evaluated before "
+                     "it was recorded), so it cannot be checked against the other rows.**")
+    return [part for line in lines for part in (line, "")]
+
+
 def paper_matches(table: str, results: Sequence[Result]) -> list[tuple[PaperRow | None, list[Result]]]:
     """Pair each row of paper ``table`` with the variants of that table it describes (paper order).
 
@@ -410,7 +521,9 @@ def paper_table_markdown(table: str, results: Sequence[Result]) -> list[str]:
                 head, f"{r.label} (`{r.name}`)", _paper(dsc), *_ours_cells(m, dsc), _paper(iou),
                 _value(m, "iou_slice_mean", paper=iou), *_tail_cells(m), _seeds(m),
             ])
-    return [f"### {TABLE_TITLES[table]}", "", *_md_table(header, rows), "", f"*{TABLE_NOTES[table]}*", ""]
+    shown = [r for _, hits in paper_matches(table, results) for r in hits]
+    return [f"### {TABLE_TITLES[table]}", "", *_md_table(header, rows), "", *provenance_lines(shown),
+            f"*{TABLE_NOTES[table]}*", ""]
 
 
 def _best(results: Sequence[Result], keep: Callable[[Result], bool] = lambda r: True) -> Result | None:
@@ -442,7 +555,7 @@ def beyond_markdown(results: Sequence[Result]) -> list[str]:
     rows = [[f"{r.label} (`{r.name}`)", *_ours_cells(r.metrics, None), _value(r.metrics, "iou_slice_mean"),
              *_tail_cells(r.metrics), _seeds(r.metrics)] for r in beyond]
     if rows:
-        lines += [*_md_table(header, rows), ""]
+        lines += [*_md_table(header, rows), "", *provenance_lines(beyond)]
     else:
         lines += ["No variant lists `beyond` in its `tables`.", ""]
 
@@ -458,7 +571,8 @@ def beyond_markdown(results: Sequence[Result]) -> list[str]:
     header = ("Variant", "Predictions", "DSC slice-mean", "Δ", "DSC tumour slices", "DSC patient-3D", "DSC micro",
               "IoU slice-mean", "HD95 (px)", "Empty-slice FP (%)", "Noise comp./slice")
     rows = []
-    for r in postprocess_comparison(results):
+    compared = postprocess_comparison(results)
+    for r in compared:
         raw, post = r.metrics, r.metrics.get("postprocessed")
         name = f"{r.label} (`{r.name}`)" + (" - best overall" if r is best else "")
         blocks = [("raw", raw)]
@@ -470,7 +584,7 @@ def beyond_markdown(results: Sequence[Result]) -> list[str]:
                 name, what, _value(m, "dice_slice_mean"), delta, _value(m, "dice_tumour_slices"),
                 _value(m, "dice_patient_3d"), _value(m, "dice_micro"), _value(m, "iou_slice_mean"), *_tail_cells(m),
             ])
-    lines += [*_md_table(header, rows), ""]
+    lines += [*_md_table(header, rows), "", *provenance_lines(compared)]
     if any("postprocessed" not in r.metrics for r in results):
         lines += ["Variants without a post-processed row were evaluated with `postprocess.min_area: 0` (disabled).", ""]
     return lines

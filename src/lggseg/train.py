@@ -3,7 +3,10 @@
 :func:`train_variant` trains one seed of a :class:`~lggseg.config.RunConfig` into
 ``models/<variant>/seed_<seed>/`` and keeps the weights of the epoch with the best validation Dice
 (thresholded predictions at the model resolution, mean over slices, an empty prediction of an
-empty mask counts 1). Every epoch is logged with DVCLive (``seed_<seed>/dvclive``) so that
+empty mask counts 1). With the outlier term only epochs at its full weight ``loss.gamma`` count (section
+3.4: the term is added once training is stable, so an epoch of the warm-up or ramp is not yet the
+configured loss); a run that stops before reaching it keeps its last epoch, and ``selection_rule``
+in the result says which rule applied. Every epoch is logged with DVCLive (``seed_<seed>/dvclive``) so that
 ``dvc plots show`` draws the curves. :func:`train_all_seeds` runs every seed of ``run.seeds``.
 
 One code path serves CPU, one GPU and ``torchrun --nproc_per_node N`` (DistributedDataParallel;
@@ -52,7 +55,7 @@ from tqdm.auto import tqdm
 from lggseg.config import ConfigError, RunConfig, TrainConfig
 from lggseg.dataset import EpochSampler, SliceDataset
 from lggseg.errors import DataError, TrainingError
-from lggseg.hardware import cpu_bf16
+from lggseg.hardware import cpu_bf16, machine_facts, resolve_device, software_versions
 from lggseg.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -82,15 +85,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``common.device`` (auto | cpu | cuda) -> a torch device; asking for cuda without one is an error."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("common.device is 'cuda' but torch sees no CUDA device (use auto or cpu)")
-    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device_name: str) -> DistInfo:
@@ -127,11 +121,15 @@ def _all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- fingerprints and RNG
 
 
-def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any) -> str:
+def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_type: str = "cpu",
+                    bf16: bool = False) -> str:
     """Identity of a training run: what decides the trained weights.
 
-    Labels, table names, the device and the settings that only change speed (workers, threads,
-    log interval) are left out, so changing them neither discards a checkpoint nor a result.
+    Labels, table names and the settings that only change speed (workers, threads, log interval)
+    are left out, so changing them neither discards a checkpoint nor a result. The device type
+    (``cpu``/``cuda``) and the precision actually used (``bf16``: autocast on, as
+    :func:`step_setup` decided) are in: a float32 CPU checkpoint is not continued in bf16 on a
+    GPU, nor the reverse, and a result made on one is not taken for the other.
     """
     cfg = run.to_dict()
     for key in ("label", "tables", "seeds", "variant"):
@@ -139,7 +137,8 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any) -> str:
     cfg["common"].pop("device", None)
     for key in ("num_workers", "cpu_threads", "log_every"):
         cfg["train"].pop(key, None)
-    blob = json.dumps({"run": cfg, "seed": seed, "data": store_fingerprint}, sort_keys=True)
+    blob = json.dumps({"run": cfg, "seed": seed, "data": store_fingerprint,
+                       "device_type": device_type, "bf16": bool(bf16)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -673,7 +672,7 @@ class _Trainer:
         row.update({f"train/loss_{k}": float(v) / n for k, v in zip(names, part_sums, strict=True)})  # unweighted eq. 13 terms
         if not math.isfinite(row["train/loss"]):
             raise TrainingError(f"{self.label}: the training loss became {row['train/loss']} in epoch {epoch + 1}; try a lower train.lr")
-        improved = row["val/dice"] > self.best_dice
+        improved = self.selectable(epoch) and row["val/dice"] > self.best_dice
         if improved:
             self.best_dice, self.best_epoch = row["val/dice"], epoch + 1
             self.best_weights = _cpu_tensors("", self.model.state_dict())
@@ -689,6 +688,36 @@ class _Trainer:
             live.log(row)  # after the commit: a replayed epoch is never logged twice
         _barrier(self.info)
         return seconds
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` may be kept as the best one: its outlier weight is the full ``loss.gamma``.
+
+        During the gamma warm-up and ramp the run is not yet the configured loss; a model picked
+        there (often the best early Dice, before the outlier term weighs in) would be reported as
+        the outlier variant without having been trained with it. Without the term, any epoch.
+        """
+        if "outlier" not in self.run.loss.terms:
+            return True
+        return self.loss_fn.weights(epoch)["outlier"] == float(self.run.loss.gamma)
+
+    def select_last_if_none(self) -> None:
+        """No epoch was selectable (training stopped before full gamma): keep the last epoch."""
+        if self.best_epoch == 0 and self.history:
+            self.best_dice, self.best_epoch = self.history[-1]["val/dice"], self.epoch
+            self.best_weights = _cpu_tensors("", self.model.state_dict())
+
+    def selection_rule(self) -> str:
+        """How ``best_epoch`` was chosen, in words (recorded in the result)."""
+        rule = "best val/dice (slice mean at the model's resolution, empty/empty = 1)"
+        if "outlier" not in self.run.loss.terms:
+            return f"{rule} over all epochs (no outlier term)"
+        gamma = float(self.run.loss.gamma)
+        first = next((e + 1 for e in range(self.cfg.epochs) if self.selectable(e)), None)
+        if self.best_epoch and self.selectable(self.best_epoch - 1):
+            return f"{rule} among the epochs at the full outlier weight gamma={gamma:g} (epoch {first} on)"
+        reached = f"not before epoch {first}" if first else "never within train.epochs"
+        return (f"last epoch: no trained epoch reached the full outlier weight gamma={gamma:g} ({reached}), "
+                f"so the best-validation rule could not apply")
 
     def plan(self, epoch_seconds: float) -> None:
         """Under ``train.max_minutes``: fix the number of epochs after the first and stop before an
@@ -724,6 +753,8 @@ class _Trainer:
             "fingerprint": self.fingerprint,
             "best_epoch": self.best_epoch,
             "best_val_dice": self.best_dice,
+            "best_epoch_gamma": self.history[self.best_epoch - 1]["gamma"] if self.best_epoch else None,
+            "selection_rule": self.selection_rule(),
             "epochs": self.cfg.epochs,
             "epochs_done": self.epoch,
             "epochs_planned": self.planned_epochs,
@@ -737,6 +768,9 @@ class _Trainer:
             "images_per_second": round(self.images / self.train_seconds, 2) if self.train_seconds > 0 else None,
             "device": self.info.device.type,
             "world_size": self.info.world_size,
+            "hardware": machine_facts(self.info.device, self.setup.bf16),
+            "software": software_versions(),
+            "pretrained": self.run.model.pretrained,
         }
 
     def save_best(self, result: dict[str, Any]) -> None:
@@ -752,6 +786,9 @@ class _Trainer:
             **{k: result[k] for k in ("best_epoch", "best_val_dice", "epochs", "epochs_done", "stop_reason",
                                       "wall_seconds", "train_seconds",
                                       "images_per_second", "fingerprint")},
+            # provenance that evaluation copies into metrics/<variant>.json
+            **{k: result[k] for k in ("best_epoch_gamma", "selection_rule", "epochs_planned", "max_minutes", "device",
+                                      "world_size", "hardware", "software", "pretrained")},
         }
         save_model(self.model, self.out_dir, meta)
 
@@ -765,7 +802,8 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
     """
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     info = init_distributed(run.common.device)
-    fingerprint = run_fingerprint(run, seed, _store_fingerprint(store_dir))
+    setup = step_setup(run.train, info.device)
+    fingerprint = run_fingerprint(run, seed, _store_fingerprint(store_dir), info.device.type, setup.bf16)
     ckpt = Checkpoint(out_dir)
     result_path = out_dir / RESULT_FILE
 
@@ -782,7 +820,6 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
         ckpt.remove()
         result_path.unlink(missing_ok=True)
 
-    setup = step_setup(run.train, info.device)
     with applied(setup, info.device):
         seed_everything(seed + info.rank)
         trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint, setup)
@@ -803,6 +840,7 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
         bar.close()
         if trainer.stop_reason != "completed" and info.is_main:
             log.warning("%s: %s", trainer.label, trainer.stop_reason)
+        trainer.select_last_if_none()
         result = trainer.result()
         if info.is_main:
             trainer.save_best(result)
