@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lggseg.config import EvaluateConfig, PostprocessConfig
+from lggseg.config import ConfigError, EvaluateConfig, PostprocessConfig
 from lggseg.dataset import SliceDataset
 from lggseg.errors import DataError, ModelError
 from lggseg.hardware import git_commit, resolve_device, software_versions
