@@ -41,6 +41,7 @@ KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
 LOSS_TERMS = ("bce", "dice", "outlier")
 ARCHS = ("deeplabv3plus", "unet")
 LR_SCHEDULES = ("constant", "cosine")
+DATA_PATHS = ("auto", "loader", "resident")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -260,6 +261,12 @@ class TrainConfig:
     # before an epoch that would not fit. With a budget, the number of epochs is planned after the
     # first one (min(epochs, budget / first epoch's time)) and the cosine schedule spans that plan.
     max_minutes: float | None = None
+    # Where batches come from (lggseg.resident): ``loader`` = DataLoader workers + albumentations on the CPU;
+    # ``resident`` = the split on the training device, augmented there; ``auto`` = resident on CUDA when the
+    # split fits comfortably in free device memory, else the loader. The two draw different random streams.
+    data_path: str = "auto"  # auto | loader | resident
+    # The resumable checkpoint is written every N epochs and after the last epoch of the run.
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
@@ -274,6 +281,9 @@ class TrainConfig:
                  f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs!r}")
         _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
                  f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
+        _require(self.data_path in DATA_PATHS, f"train.data_path must be one of {DATA_PATHS}, got {self.data_path!r}")
+        _require(_is_int(self.checkpoint_every) and self.checkpoint_every > 0,
+                 f"train.checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
 
 
 @dataclass(frozen=True)

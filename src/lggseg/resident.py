@@ -303,3 +303,17 @@ class ResidentBatches:
                if self.augment is not None else None)
         for k in range(len(self)):
             yield self.batch(positions[k * self.batch_size : (k + 1) * self.batch_size], gen)
+
+
+def choose_data_path(setting: str, device: torch.device, n: int, image_size: int, n_attributes: int) -> tuple[str, str]:
+    """``train.data_path`` (auto | loader | resident) -> the path used and why, in words.
+
+    ``auto`` keeps the DataLoader on the CPU (so CPU runs stay exactly as they were) and takes the
+    resident path on CUDA when the ``n`` slices fit in :data:`RESIDENT_SHARE` of the free memory.
+    """
+    if setting != "auto":
+        return setting, f"train.data_path: {setting}"
+    if device.type != "cuda":
+        return "loader", "train.data_path: auto on the CPU"
+    fits, facts = fits_device(n, image_size, n_attributes, device)
+    return ("resident" if fits else "loader"), f"train.data_path: auto, {facts}"
