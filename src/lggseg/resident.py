@@ -31,6 +31,13 @@ The random draws differ from the albumentations path (another generator, whole b
 paths give different weights; ``train.data_path`` is therefore part of a run's fingerprint. What is
 the same is the distribution of every augmentation (``tests/test_resident.py`` measures it).
 
+Every operation here draws its own numbers, independently of the others. The DataLoader path does not
+quite: ``Compose.set_random_seed`` in albumentations 2.0.8 gives each transform the same seed, so their
+first draws (the "apply?" decisions) coincide: flip and affine are applied together or not at all,
+channel dropout (p 0.2) only ever with colour jitter (p 0.5), and a transform's parameters repeat
+another's draws. Each operation's own probability and ranges are as configured on both paths (the tests
+compare these marginals); the joint draws differ.
+
 Randomness: a ``torch.Generator`` on the device seeded from ``(seed, epoch)`` (the batch order, the
 same on every DDP rank) and one seeded from ``(seed, epoch, rank)`` (the augmentation), so an epoch
 is a function of the epoch number alone and a run resumes exactly at an epoch boundary.
