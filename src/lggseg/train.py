@@ -8,7 +8,8 @@ empty mask counts 1). With the outlier term only epochs at its full weight ``los
 configured loss); a run that stops before reaching it keeps its last epoch, and ``selection_rule``
 in the result says which rule applied. Every epoch is logged with DVCLive (``seed_<seed>/dvclive``) so that
 ``dvc plots show`` draws the curves; without dvclive installed the same files (``plots/metrics/*.tsv``,
-``metrics.json``, ``params.yaml``) and a ``metrics.csv`` are written by :class:`_Logger` itself. :func:`train_all_seeds` runs every seed of ``run.seeds``.
+``metrics.json``, ``params.yaml``) and a ``metrics.csv`` are written by :class:`_Logger` itself.
+:func:`train_all_seeds` runs every seed of ``run.seeds``.
 
 One code path serves CPU, one GPU and ``torchrun --nproc_per_node N`` (DistributedDataParallel;
 ``train.batch_size`` is the global batch, split over the ranks; only rank 0 logs and writes).
@@ -129,7 +130,8 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_ty
     """Identity of a training run: what decides the trained weights.
 
     Labels, table names and the settings that only change speed (workers, threads, log and
-    checkpoint intervals) are left out, so changing them neither discards a checkpoint nor a result. The device type
+    checkpoint intervals) are left out, so changing them neither discards a checkpoint nor a
+    result. The device type
     (``cpu``/``cuda``) and the precision actually used (``bf16``: autocast on, as
     :func:`step_setup` decided) are in: a float32 CPU checkpoint is not continued in bf16 on a
     GPU, nor the reverse, and a result made on one is not taken for the other. ``train.data_path``
