@@ -292,3 +292,21 @@ def test_training_batches_keep_dtypes_and_binary_masks():
 def test_resident_bytes():
     # 10 slices at 64 px: 3 image bytes + 1 mask byte per pixel, 4 bytes per attribute, 8 for the row
     assert resident_bytes(10, 64, 5) == 10 * (64 * 64 * 4 + 20 + 8)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "free_gib", "expected"),
+    [
+        ("auto", "cpu", None, "loader"),  # CPU results stay those of the DataLoader path
+        ("resident", "cpu", None, "resident"),
+        ("loader", "cuda", 80.0, "loader"),
+        ("auto", "cuda", 80.0, "resident"),  # 1000 slices at 256 px: 250 MiB, far below a quarter of 80 GiB
+        ("auto", "cuda", 0.5, "loader"),  # 250 MiB > a quarter of 0.5 GiB
+    ],
+)
+def test_choose_data_path(monkeypatch, setting, device, free_gib, expected):
+    import lggseg.resident as R
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(free_gib * 2**30), int(80 * 2**30)))
+    path, why = R.choose_data_path(setting, torch.device(device), 1000, 256, 30)
+    assert path == expected and why.startswith("train.data_path")
