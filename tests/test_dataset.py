@@ -224,3 +224,25 @@ def test_empty_slice_subsampler_rejects_a_bad_fraction(fraction):
 
     with pytest.raises(DataError, match="fraction"):
         EmptySliceSubsampler(np.ones(3, dtype=bool), fraction, seed=0)
+
+
+def test_each_augmentation_draws_its_own_decision():
+    """Flip (p 0.5) and affine (p 0.5) are independent: about a quarter of the items are flipped only.
+
+    albumentations' Compose.set_random_seed gives every transform the same seed; without a stream per
+    transform the flip would only ever come with the affine (no item flipped only)."""
+    store = _store()
+    cfg = AugmentConfig(channel_dropout_p=0.0, color_jitter_p=0.0, extra=True)
+    ds = SliceDataset(store, [0] * 1, 64, cfg, seed=3)
+    plain = SliceDataset(store, [0], 64, None)[0]["image"].numpy()
+    outcomes = {"none": 0, "flip only": 0, "other": 0}
+    for epoch in range(120):
+        x = ds[(0, epoch)]["image"].numpy()
+        if np.array_equal(x, plain):
+            outcomes["none"] += 1
+        elif np.array_equal(x, plain[:, :, ::-1]):
+            outcomes["flip only"] += 1
+        else:
+            outcomes["other"] += 1
+    # Binomial(120, 1/4): 30 expected; 12 is more than 4 standard deviations below
+    assert outcomes["flip only"] >= 12 and outcomes["none"] >= 12 and outcomes["other"] >= 40, outcomes

@@ -112,7 +112,8 @@ def test_optimizer_state_round_trip():
 
 def test_fingerprint_ignores_speed_settings_only():
     base = run_fingerprint(tiny_run(), SEED, "data")
-    assert run_fingerprint(tiny_run(num_workers=3, cpu_threads=2, log_every=7), SEED, "data") == base
+    assert run_fingerprint(tiny_run(num_workers=3, cpu_threads=2, log_every=7, checkpoint_every=3), SEED, "data") == base
+    assert run_fingerprint(tiny_run(data_path="resident"), SEED, "data") != base  # another random stream
     assert run_fingerprint(tiny_run(lr=0.01), SEED, "data") != base
     assert run_fingerprint(tiny_run(), SEED + 1, "data") != base
     assert run_fingerprint(tiny_run(), SEED, "other data") != base
@@ -461,3 +462,111 @@ def test_train_step_updates_the_weights_with_a_float32_loss(bf16):
     assert total.dtype == torch.float32 and torch.isfinite(total)
     assert set(parts) == {"bce", "dice"}
     assert not torch.equal(before, model.conv.weight)
+
+
+# --------------------------------------------------------------------------- data path and checkpoint interval
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_resident_data_path_trains_deterministically_on_cpu(store_dir, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lggseg.train")
+    results = [train_variant(tiny_run(data_path="resident"), store_dir, tmp_path / f"r{k}", SEED) for k in (0, 1)]
+    assert results[0]["data_path"] == "resident" and results[0]["history"] == results[1]["history"]
+    a, b = _weights(tmp_path / "r0"), _weights(tmp_path / "r1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum("data path resident" in r.message for r in caplog.records) == 2  # once per run
+
+
+def test_auto_data_path_keeps_the_loader_on_cpu(trained):
+    assert trained[1]["data_path"] == "loader"
+
+
+def test_checkpoint_every_and_resume(store_dir, tmp_path, monkeypatch):
+    """checkpoint_every 2 over 3 epochs: commits after epochs 2 and 3 (the last); a run that dies in
+    epoch 3 resumes from epoch 2 and ends with the weights of the uninterrupted run."""
+    import lggseg.train as T
+
+    saved = []
+    save = T.Checkpoint.save
+
+    def record(self, rec, tensors, best):
+        saved.append((rec["epoch"], best is not None))
+        return save(self, rec, tensors, best)
+
+    monkeypatch.setattr(T.Checkpoint, "save", record)
+    run = tiny_run(3, checkpoint_every=2)
+    ref = train_variant(run, store_dir, tmp_path / "ref", SEED)
+    assert [e for e, _ in saved] == [2, 3]
+    assert saved[0][1]  # the first commit carries the best weights found so far
+
+    class Died(Exception):
+        pass
+
+    run_epoch = T._Trainer.run_epoch
+
+    def dies_in_epoch_3(self, epoch, ckpt, live):
+        if epoch == 2:
+            raise Died
+        return run_epoch(self, epoch, ckpt, live)
+
+    monkeypatch.setattr(T._Trainer, "run_epoch", dies_in_epoch_3)
+    with pytest.raises(Died):
+        train_variant(run, store_dir, tmp_path / "cut", SEED)
+    assert json.loads((tmp_path / "cut" / CHECKPOINT_DIR / "state.json").read_text())["epoch"] == 2
+    monkeypatch.setattr(T._Trainer, "run_epoch", run_epoch)
+    resumed = train_variant(run, store_dir, tmp_path / "cut", SEED)
+    assert resumed["history"] == ref["history"] and resumed["best_epoch"] == ref["best_epoch"]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_stop_writes_a_checkpoint(store_dir, tmp_path, monkeypatch):
+    import lggseg.train as T
+
+    saved = []
+    monkeypatch.setattr(T.Checkpoint, "save", lambda self, rec, tensors, best: saved.append(rec["epoch"]) or rec["files"])
+    monkeypatch.setattr(T.Checkpoint, "remove", lambda self: None)
+    result = train_variant(tiny_run(3, checkpoint_every=5, max_minutes=1e-6), store_dir, tmp_path / "b", SEED)
+    assert result["epochs_done"] == 1 and saved == [1]  # stopped by the budget: the last epoch is committed
+
+
+LEAN = """
+import sys
+sys.modules["albumentations"] = None  # import albumentations -> ImportError
+sys.modules["dvclive"] = None
+from pathlib import Path
+import yaml
+from lggseg.config import EvaluateConfig, PostprocessConfig, run_config_from_dict
+from lggseg.evaluate import evaluate_model
+from lggseg.train import train_all_seeds
+
+cfg, store, out = sys.argv[1:4]
+run = run_config_from_dict(yaml.safe_load(Path(cfg).read_text()))
+train_all_seeds(run, Path(store), Path(out))
+result = evaluate_model(out, store, EvaluateConfig(bootstrap_samples=100), PostprocessConfig(), "cpu")
+assert 0 <= result.metrics["dice_slice_mean"] <= 1
+print("lean ok", sorted(m for m in ("albumentations", "dvclive") if sys.modules.get(m) is not None))
+"""
+
+
+def test_resident_training_and_evaluation_need_neither_albumentations_nor_dvclive(store_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run(2, data_path="resident").to_dict()))
+    res = subprocess.run([sys.executable, "-c", LEAN, str(cfg), str(store_dir), str(tmp_path / "m")],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "lean ok []" in res.stdout
+    assert res.stderr.count("dvclive is not installed") == 1  # said once
+    out = tmp_path / "m" / f"seed_{SEED}"
+    result = json.loads((out / "result.json").read_text())
+    lines = (out / "dvclive" / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,train/loss,train/dice,val/loss,val/dice") and len(lines) == 3
+    assert _tsv(out, "val/dice") == [row["val/dice"] for row in result["history"]]  # DVCLive's layout
+    metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert metrics["val"]["dice"] == result["history"][-1]["val/dice"] and metrics["step"] == 1
+    assert yaml.safe_load((out / "dvclive" / "params.yaml").read_text())["seed"] == SEED

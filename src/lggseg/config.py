@@ -41,6 +41,7 @@ KAGGLE_DATASET = "mateuszbuda/lgg-mri-segmentation"
 LOSS_TERMS = ("bce", "dice", "outlier")
 ARCHS = ("deeplabv3plus", "unet")
 LR_SCHEDULES = ("constant", "cosine")
+DATA_PATHS = ("auto", "loader", "resident")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -262,6 +263,12 @@ class TrainConfig:
     max_minutes: float | None = None
     # Share of the tumour-free train slices drawn (afresh) each epoch; every tumour slice is always in.
     empty_slice_fraction: float = 1.0
+    # Where batches come from (lggseg.resident): ``loader`` = DataLoader workers + albumentations on the CPU;
+    # ``resident`` = the split on the training device, augmented there; ``auto`` = resident on CUDA when the
+    # split fits comfortably in free device memory, else the loader. The two draw different random streams.
+    data_path: str = "auto"  # auto | loader | resident
+    # The resumable checkpoint is written every N epochs and after the last epoch of the run.
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
@@ -278,6 +285,9 @@ class TrainConfig:
                  f"train.empty_slice_fraction must be in (0, 1], got {self.empty_slice_fraction!r}")
         _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
                  f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
+        _require(self.data_path in DATA_PATHS, f"train.data_path must be one of {DATA_PATHS}, got {self.data_path!r}")
+        _require(_is_int(self.checkpoint_every) and self.checkpoint_every > 0,
+                 f"train.checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -46,13 +44,19 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     """Resize to ``size`` x ``size``: area averaging for the image, nearest neighbour so the mask stays binary."""
     if image.shape[0] == size and image.shape[1] == size:
         return image, mask
+    import cv2  # here, not at the top: training on the device-resident path never needs OpenCV
+
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
     return image, mask
 
 
-def build_augmentation(cfg: AugmentConfig) -> A.Compose:
-    """The section 4.1.3 augmentation; ``cfg.extra`` adds flips and a small affine transform."""
+def build_augmentation(cfg: AugmentConfig) -> Any:
+    """The section 4.1.3 augmentation (an albumentations ``Compose``); ``cfg.extra`` adds flips and a small
+    affine transform. :mod:`lggseg.resident` implements the same operations as batched tensor operations."""
+    # Imported here: evaluation and the device-resident training path must run without albumentations.
+    import albumentations as A
+
     transforms: list[Any] = [
         # Drop one of the three MRI sequences (pre-contrast, FLAIR, post-contrast) at random.
         A.ChannelDropout(channel_drop_range=(1, 1), fill=0, p=cfg.channel_dropout_p),
@@ -142,7 +146,13 @@ class SliceDataset(Dataset):
         mask = np.asarray(self._masks[row])
         image, mask = resize_pair(image, mask, self.image_size)
         if self._transform is not None:
-            self._transform.set_random_seed(item_seed(self.seed, epoch, row))
+            seed = item_seed(self.seed, epoch, row)
+            self._transform.set_random_seed(seed)
+            # albumentations 2.0's Compose.set_random_seed hands every transform the same seed, so their
+            # draws would coincide (a flip only ever with the affine, channel dropout only with colour
+            # jitter); each transform gets a stream of its own.
+            for k, transform in enumerate(self._transform.transforms):
+                transform.set_random_seed(item_seed(seed, k, 1))
             out = self._transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {

@@ -7,7 +7,9 @@ empty mask counts 1). With the outlier term only epochs at its full weight ``los
 3.4: the term is added once training is stable, so an epoch of the warm-up or ramp is not yet the
 configured loss); a run that stops before reaching it keeps its last epoch, and ``selection_rule``
 in the result says which rule applied. Every epoch is logged with DVCLive (``seed_<seed>/dvclive``) so that
-``dvc plots show`` draws the curves. :func:`train_all_seeds` runs every seed of ``run.seeds``.
+``dvc plots show`` draws the curves; without dvclive installed the same files (``plots/metrics/*.tsv``,
+``metrics.json``, ``params.yaml``) and a ``metrics.csv`` are written by :class:`_Logger` itself.
+:func:`train_all_seeds` runs every seed of ``run.seeds``.
 
 One code path serves CPU, one GPU and ``torchrun --nproc_per_node N`` (DistributedDataParallel;
 ``train.batch_size`` is the global batch, split over the ranks; only rank 0 logs and writes).
@@ -15,7 +17,9 @@ One code path serves CPU, one GPU and ``torchrun --nproc_per_node N`` (Distribut
 Reproducibility and resumption
     The shuffle order (``DistributedSampler``, seeded with ``seed + epoch``) and the augmentation
     (seeded per sample from ``(seed, epoch, row)``, see :mod:`lggseg.dataset`) are functions of
-    the epoch alone. After every epoch a checkpoint in ``seed_<seed>/checkpoint/`` holds the
+    the epoch alone; so are the batches of the device-resident path (:mod:`lggseg.resident`,
+    ``train.data_path``). After every ``train.checkpoint_every`` epochs, and after the last epoch
+    of the run, a checkpoint in ``seed_<seed>/checkpoint/`` holds the
     model, the Adam state, the best weights so far, the history and the RNG states (python,
     numpy, torch CPU/CUDA of every rank, DataLoader generator): tensors in safetensors files,
     everything else in ``state.json``, which is written last and atomically and names the tensor
@@ -56,7 +60,7 @@ from lggseg.config import ConfigError, RunConfig, TrainConfig
 from lggseg.dataset import EmptySliceSubsampler, EpochSampler, SliceDataset
 from lggseg.errors import DataError, TrainingError
 from lggseg.hardware import cpu_bf16, machine_facts, resolve_device, software_versions
-from lggseg.io import atomic_path, write_json
+from lggseg.io import atomic_path, write_json, write_text, write_yaml
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +129,19 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_ty
                     bf16: bool = False) -> str:
     """Identity of a training run: what decides the trained weights.
 
-    Labels, table names and the settings that only change speed (workers, threads, log interval)
-    are left out, so changing them neither discards a checkpoint nor a result. The device type
+    Labels, table names and the settings that only change speed (workers, threads, log and
+    checkpoint intervals) are left out, so changing them neither discards a checkpoint nor a
+    result. The device type
     (``cpu``/``cuda``) and the precision actually used (``bf16``: autocast on, as
     :func:`step_setup` decided) are in: a float32 CPU checkpoint is not continued in bf16 on a
-    GPU, nor the reverse, and a result made on one is not taken for the other.
+    GPU, nor the reverse, and a result made on one is not taken for the other. ``train.data_path``
+    is in: the DataLoader and the device-resident path draw different random streams.
     """
     cfg = run.to_dict()
     for key in ("label", "tables", "seeds", "variant"):
         cfg.pop(key, None)
     cfg["common"].pop("device", None)
-    for key in ("num_workers", "cpu_threads", "log_every"):
+    for key in ("num_workers", "cpu_threads", "log_every", "checkpoint_every"):
         cfg["train"].pop(key, None)
     blob = json.dumps({"run": cfg, "seed": seed, "data": store_fingerprint,
                        "device_type": device_type, "bf16": bool(bf16)}, sort_keys=True)
@@ -299,16 +305,25 @@ def _slice_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 class _Logger:
     """DVCLive on rank 0 (no-op elsewhere); rebuilt from the checkpoint history on resume so the
-    curves never hold an epoch twice or miss one, wherever the previous process died."""
+    curves never hold an epoch twice or miss one, wherever the previous process died.
+
+    Without dvclive (a lean install, the device-resident path needs none of it) the epochs go to
+    :class:`_FileLog` in the same folder, with a warning once.
+    """
 
     def __init__(self, out_dir: Path, enabled: bool, params: dict[str, Any], history: list[dict[str, float]]) -> None:
-        self.live = None
+        self.live: Any = None
         if not enabled:
             return
-        from dvclive import Live
-
-        # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it.
-        self.live = Live(dir=str(out_dir / "dvclive"), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+        try:
+            from dvclive import Live
+        except ImportError:
+            log.warning("dvclive is not installed: epochs are logged to %s (metrics.csv, plots/metrics/*.tsv)",
+                        out_dir / "dvclive")
+            self.live = _FileLog(out_dir / "dvclive")
+        else:
+            # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it.
+            self.live = Live(dir=str(out_dir / "dvclive"), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
         self.live.log_params(params)
         for row in history:
             self.log(row)
@@ -324,6 +339,50 @@ class _Logger:
     def end(self) -> None:
         if self.live is not None:
             self.live.end()
+
+
+class _FileLog:
+    """The part of DVCLive's ``Live`` that :class:`_Logger` uses, writing DVCLive's own layout
+    (``plots/metrics/<key>.tsv`` with ``step``, ``metrics.json``, ``params.yaml``, so the plots of
+    ``dvc.yaml`` still resolve) plus ``metrics.csv``, one row per epoch. Starts afresh like
+    ``Live(resume=False)``; every file is rewritten atomically after each epoch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        shutil.rmtree(folder, ignore_errors=True)
+        self.rows: list[dict[str, float]] = []
+        self.row: dict[str, float] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        write_yaml(self.dir / "params.yaml", params)
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.row[key] = float(value)
+
+    def next_step(self) -> None:
+        self.rows.append({"step": len(self.rows), **self.row})
+        self.row = {}
+        keys = list(dict.fromkeys(k for r in self.rows for k in r if k != "step"))
+        lines = [",".join(["step", *keys])]
+        lines += [",".join([str(r["step"]), *(repr(r[k]) if k in r else "" for k in keys)]) for r in self.rows]
+        write_text(self.dir / "metrics.csv", "\n".join(lines) + "\n")
+        last = self.rows[-1]
+        for key in keys:
+            if key in last:
+                points = [f"{r['step']}\t{r[key]!r}" for r in self.rows if key in r]
+                write_text(self.dir / "plots" / "metrics" / f"{key}.tsv",
+                           "\n".join([f"step\t{key.split('/')[-1]}", *points]) + "\n")
+        nested: dict[str, Any] = {}
+        for key, value in last.items():
+            *parents, leaf = key.split("/")
+            node = nested
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        write_json(self.dir / "metrics.json", {**{k: v for k, v in nested.items() if k != "step"}, "step": last["step"]})
+
+    def end(self) -> None:
+        pass
 
 
 def _store_fingerprint(store_dir: Path) -> Any:
@@ -480,21 +539,37 @@ class _Trainer:
         size = run.common.image_size
         batch = cfg.batch_size // info.world_size
 
-        train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
         # Each rank validates an interleaved share of the val slices; the sums are all-reduced.
-        val_ds = SliceDataset(store, val_idx[info.rank :: info.world_size], size, None)
-        # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
-        if cfg.empty_slice_fraction < 1:
-            is_tumour = store.table["tumour_pixels"].to_numpy()[train_idx] > 0
-            base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank)
-        else:
-            base = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
-                                      drop_last=True)
-        self.sampler = EpochSampler(base)
+        val_share = val_idx[info.rank :: info.world_size]
+        self.data_path = self._data_path(len(train_idx) + len(val_share), size)
         self.loader_gen = torch.Generator().manual_seed(seed)
-        # drop_last: no ragged last batch (BatchNorm on a batch of one fails; compiled graphs stay static)
-        self.train_loader = self._loader(train_ds, batch, self.sampler, drop_last=True)
-        self.val_loader = self._loader(val_ds, batch, None, drop_last=False)
+        if self.data_path == "resident":
+            from lggseg.resident import ResidentBatches
+
+            if cfg.empty_slice_fraction < 1:
+                raise ConfigError("train.empty_slice_fraction < 1 needs train.data_path: loader (the resident path "
+                                  "draws every slice each epoch)")
+
+            # the same contract as the loaders below: shuffled by (seed, epoch), drop_last, the rank's share
+            self.train_loader = ResidentBatches(store, train_idx, size, info.device, batch, cfg.augment, seed=seed,
+                                                shuffle=True, drop_last=True, rank=info.rank,
+                                                world_size=info.world_size)
+            self.sampler = self.train_loader
+            self.val_loader = ResidentBatches(store, val_share, size, info.device, batch)
+        else:
+            train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
+            val_ds = SliceDataset(store, val_share, size, None)
+            # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
+            if cfg.empty_slice_fraction < 1:
+                is_tumour = store.table["tumour_pixels"].to_numpy()[train_idx] > 0
+                base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank)
+            else:
+                base = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+            self.sampler = EpochSampler(base)
+            # drop_last: no ragged last batch (BatchNorm on a batch of one fails; compiled graphs stay static)
+            self.train_loader = self._loader(train_ds, batch, self.sampler, drop_last=True)
+            self.val_loader = self._loader(val_ds, batch, None, drop_last=False)
 
         from lggseg.models import build_model
 
@@ -529,7 +604,22 @@ class _Trainer:
         self.best_dice, self.best_epoch = -1.0, 0
         self.best_weights: dict[str, torch.Tensor] = {}
         self.files: dict[str, str | None] = {"state": None, "best": None}
+        self.best_unsaved = False  # best weights newer than the checkpoint's (train.checkpoint_every > 1)
         self.train_seconds, self.wall_seconds, self.images = 0.0, 0.0, 0
+
+    def _data_path(self, n: int, size: int) -> str:
+        """``train.data_path`` resolved on this device (the same on every rank); logged once."""
+        from lggseg.resident import choose_data_path
+
+        path, why = choose_data_path(self.cfg.data_path, self.info.device, n, size, self.n_attributes)
+        if self.info.distributed and self.cfg.data_path == "auto":
+            # resident only if it fits on every rank: all ranks must iterate the same way
+            agree = _all_sum(self.info, torch.tensor([float(path == "resident")], device=self.info.device))
+            if path == "resident" and int(agree.item()) != self.info.world_size:
+                path, why = "loader", f"{why}; another rank lacks the memory"
+        if self.info.is_main:
+            log.info("%s: data path %s (%s)", self.label, path, why)
+        return path
 
     def _loader(self, ds: SliceDataset, batch: int, sampler: Any, drop_last: bool) -> DataLoader:
         workers = self.cfg.num_workers
@@ -687,9 +777,14 @@ class _Trainer:
         seconds = time.perf_counter() - t0
         self.wall_seconds += seconds
         self.plan(seconds)
-        self.checkpoint(ckpt, improved)
+        self.best_unsaved = self.best_unsaved or improved
+        if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch >= self.planned_epochs:
+            self.checkpoint(ckpt, self.best_unsaved)
+            self.best_unsaved = False
         if self.info.is_main:
-            live.log(row)  # after the commit: a replayed epoch is never logged twice
+            # after the commit: a replayed epoch is never logged twice (a resumed run rebuilds the log
+            # from the checkpoint's history, so epochs after the last checkpoint are logged anew, once)
+            live.log(row)
         _barrier(self.info)
         return seconds
 
@@ -771,6 +866,7 @@ class _Trainer:
             "seconds_per_epoch": round(self.wall_seconds / len(self.history), 3),
             "images_per_second": round(self.images / self.train_seconds, 2) if self.train_seconds > 0 else None,
             "device": self.info.device.type,
+            "data_path": self.data_path,
             "world_size": self.info.world_size,
             "hardware": machine_facts(self.info.device, self.setup.bf16),
             "software": software_versions(),
