@@ -21,6 +21,7 @@ skipped, so a killed search resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,9 +35,10 @@ from lggseg.config import ConfigError, deep_merge, load_section, read_params, re
 from lggseg.errors import USER_ERRORS
 from lggseg.hardware import machine_record
 from lggseg.io import write_csv, write_json, write_text
+from lggseg.metrics import HEADLINE_KEYS
 
 # The numbers an ablation row keeps from each metrics block.
-ROW_METRICS = ("dice_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate")
+ROW_METRICS = HEADLINE_KEYS
 
 
 def read_arms(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -71,8 +73,6 @@ def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_arm(name: str, params: Mapping[str, Any], variant: str, store_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train and score one arm; returns its ablation row."""
-    import dataclasses
-
     from lggseg.evaluate import evaluate_model
     from lggseg.train import train_variant
 

@@ -60,6 +60,9 @@ SUMMARY_KEYS = (
 )
 """Keys of the dict returned by :func:`summarize`, in output order."""
 
+HEADLINE_KEYS = ("dice_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate")
+"""The five numbers a short summary shows (the workspace's closing lines, an ablation row)."""
+
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 

@@ -33,9 +33,7 @@ import yaml
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
 from lggseg.errors import USER_ERRORS
 from lggseg.io import write_json, write_text
-
-# What the summary of a real-data profile prints (keys of metrics/<variant>.json).
-_SUMMARY = ("dice_slice_mean", "dice_tumour_slices", "dice_patient_3d", "dice_micro", "empty_fp_rate")
+from lggseg.metrics import HEADLINE_KEYS
 
 # Results of the real pipeline: never mirrored into the demo, which makes its own.
 _NOT_MIRRORED = ("dvc.lock", "metrics/", "plots/", "params.yaml", "demo/", "results/")
@@ -151,7 +149,11 @@ def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -
         if "dice_slice_mean" not in metrics:
             continue
         variant = path.stem
-        print(f"  {variant}: test " + ", ".join(f"{k} {metrics[k]:.4f}" for k in _SUMMARY if metrics.get(k) is not None))
+        blocks = [("test", metrics)]
+        if isinstance(metrics.get("postprocessed"), dict):
+            blocks.append(("test, post-processed", metrics["postprocessed"]))
+        for name, block in blocks:
+            print(f"  {variant} {name}: " + ", ".join(f"{k} {block[k]:.4f}" for k in HEADLINE_KEYS if block.get(k) is not None))
         print(f"    metrics {path}\n    model   {ws / 'models' / variant}   (lggseg predict --model ...)")
     return 0
 
