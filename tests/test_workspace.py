@@ -81,3 +81,19 @@ def test_set_overrides_the_profile_and_is_validated(tmp_path, capsys):
     assert main(["--repo", str(REPO), "--dest", str(tmp_path / "bad"), "--overrides", str(REPO / "params.laptop.yaml"),
                  "--set", "train.max_minutes=-1", "--prepare-only"]) == 2
     assert "max_minutes" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_summary_lines_show_raw_and_post_processed_test_numbers(tmp_path):
+    from lggseg.workspace import summary_lines
+
+    (tmp_path / "metrics").mkdir()
+    block = {"dice_slice_mean": 0.8, "dice_tumour_slices": 0.6, "dice_patient_3d": 0.7, "dice_micro": 0.75,
+             "empty_fp_rate": 0.04}
+    (tmp_path / "metrics" / "laptop.json").write_text(
+        __import__("json").dumps({**block, "postprocessed": {**block, "dice_slice_mean": 0.86, "empty_fp_rate": 0.01}}))
+    (tmp_path / "metrics" / "fetch.json").write_text('{"files": 3}')  # not a metrics file of a variant
+    lines = summary_lines(tmp_path)
+    assert lines[0] == ("  laptop test: dice_slice_mean 0.8000, dice_tumour_slices 0.6000, dice_patient_3d 0.7000, "
+                        "dice_micro 0.7500, empty_fp_rate 0.0400")
+    assert lines[1].startswith("  laptop test, post-processed: dice_slice_mean 0.8600") and "empty_fp_rate 0.0100" in lines[1]
+    assert len(lines) == 3 and "models/laptop" in lines[2]

@@ -144,6 +144,14 @@ def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -
                {"seconds": round(seconds, 1), "profile": Path(overrides).name, "targets": list(targets)})
     _commit(ws, f"{Path(overrides).name}: dvc repro results")
     print(f"\n[workspace] done in {seconds / 60:.1f} min (wall time of this command).")
+    print("\n".join(summary_lines(ws)))
+    return 0
+
+
+def summary_lines(ws: Path) -> list[str]:
+    """The closing lines of a real-data profile: each variant's test numbers (raw and post-processed),
+    its metrics file and its model folder."""
+    lines = []
     for path in sorted((ws / "metrics").glob("*.json")):
         metrics = json.loads(path.read_text())
         if "dice_slice_mean" not in metrics:
@@ -153,9 +161,10 @@ def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -
         if isinstance(metrics.get("postprocessed"), dict):
             blocks.append(("test, post-processed", metrics["postprocessed"]))
         for name, block in blocks:
-            print(f"  {variant} {name}: " + ", ".join(f"{k} {block[k]:.4f}" for k in HEADLINE_KEYS if block.get(k) is not None))
-        print(f"    metrics {path}\n    model   {ws / 'models' / variant}   (lggseg predict --model ...)")
-    return 0
+            lines.append(f"  {variant} {name}: "
+                         + ", ".join(f"{k} {block[k]:.4f}" for k in HEADLINE_KEYS if block.get(k) is not None))
+        lines.append(f"    metrics {path}\n    model   {ws / 'models' / variant}   (lggseg predict --model ...)")
+    return lines
 
 
 def _env() -> dict[str, str]:
