@@ -112,10 +112,8 @@ def run_demo(repo: Path, dest: Path, overrides: Path, sets: Sequence[str] = (), 
     params = read_params(ws / "params.yaml")
     if params["fetch"]["source"] != "demo":
         return _run_profile(ws, t0, overrides, targets)
-    print(f"[demo] running `dvc repro` in {ws} (synthetic data, CPU profile of params.demo.yaml)", flush=True)
-    rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
+    rc = _repro(ws, targets, "demo", "synthetic data, CPU profile of params.demo.yaml")
     if rc != 0:
-        print(f"[demo] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
         return rc
     seconds = time.perf_counter() - t0
     # The benchmark (issue #6, figure 5) records the demo's wall time from this file.
@@ -132,12 +130,20 @@ def run_demo(repo: Path, dest: Path, overrides: Path, sets: Sequence[str] = (), 
     return 0
 
 
-def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -> int:
-    """A profile on real data (e.g. the laptop recipe): ``dvc repro`` of ``targets`` and a short summary."""
-    print(f"[workspace] running `dvc repro {' '.join(targets)}` in {ws} ({Path(overrides).name})", flush=True)
+def _repro(ws: Path, targets: Sequence[str], tag: str, what: str) -> int:
+    """``dvc repro [targets]`` in ``ws``; returns its exit status (a failure is reported on stderr)."""
+    command = " ".join(["dvc repro", *targets])
+    print(f"[{tag}] running `{command}` in {ws} ({what})", flush=True)
     rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
     if rc != 0:
-        print(f"[workspace] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
+        print(f"[{tag}] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
+    return rc
+
+
+def _run_profile(ws: Path, t0: float, overrides: Path, targets: Sequence[str]) -> int:
+    """A profile on real data (e.g. the laptop recipe): ``dvc repro`` of ``targets`` and a short summary."""
+    rc = _repro(ws, targets, "workspace", Path(overrides).name)
+    if rc != 0:
         return rc
     seconds = time.perf_counter() - t0
     write_json(ws / "metrics" / "run_time.json",
