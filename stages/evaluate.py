@@ -11,10 +11,11 @@ import sys
 
 from lggseg.config import load_section, read_params
 from lggseg.errors import USER_ERRORS
-from lggseg.evaluate import evaluate_model, write_evaluation
+from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
+    delegate(__file__, argv)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--variant", required=True)
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--rows", required=True, help="directory for slices.csv, patients.csv, figure_slices.npz")
     args = ap.parse_args(argv)
+    # imported after parsing: --help and usage errors stay fast
+    from lggseg.evaluate import evaluate_model, write_evaluation
+
     # lggseg's notes (the device chosen, why a GPU is not used) on stderr; other libraries stay quiet
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("lggseg").setLevel(logging.INFO)

@@ -11,16 +11,20 @@ import sys
 from lggseg.config import load_section
 from lggseg.errors import USER_ERRORS
 from lggseg.io import OutputError
-from lggseg.outlier_study import run_figure9
+from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
+    delegate(__file__, argv)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--plot", required=True, help="PNG: Figure 9 input and outlier map")
     ap.add_argument("--study", default=None, help="JSON: Figure 9 numbers and blob-study results")
     ap.add_argument("--study-plot", default=None, help="PNG: blob-study curves and maps")
     args = ap.parse_args(argv)
+    # imported after parsing: --help and usage errors stay fast
+    from lggseg.outlier_study import run_figure9
+
     try:
         cfg = load_section("loss", args.params)
         run_figure9(cfg, args.plot, args.study, args.study_plot)

@@ -7,10 +7,11 @@ import sys
 
 from lggseg.config import read_params
 from lggseg.errors import USER_ERRORS
-from lggseg.report import build_report
+from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
+    delegate(__file__, argv)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics", help="folder holding <variant>.json, fetch.json, data.json")
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tables", default="metrics/tables.md")
     ap.add_argument("--plots", default="plots")
     args = ap.parse_args(argv)
+    # imported after parsing: --help and usage errors stay fast
+    from lggseg.report import build_report
+
     try:
         build_report(read_params(args.params), args.metrics, args.eval, args.manifest, args.tables, args.plots)
     except USER_ERRORS as exc:

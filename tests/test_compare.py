@@ -47,5 +47,29 @@ def test_cli(tmp_path, capsys):
     assert "| dice_slice_mean (%) | 80.00 | 90.00 | +10.00 | +12.5 % |" in out
     assert cli_main(["compare", str(a), str(b), "--postprocessed"]) == 0
     assert "| dice_slice_mean (%) | 80.40 | 90.40 |" in capsys.readouterr().out
-    assert cli_main(["compare", str(a), str(tmp_path / "missing.json")]) == 1
+    assert cli_main(["compare", str(a), str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_cli_reads_snapshot_folders(tmp_path, capsys):
+    """``lggseg compare results/<a> results/<b>``: each folder's metrics/<variant>.json, with provenance lines."""
+    for name, dice in (("patient", 0.8), ("slice", 0.9)):
+        folder = tmp_path / name / "metrics"
+        folder.mkdir(parents=True)
+        data = metrics_file(dice)
+        if name == "slice":
+            data["provenance"] = {"image_size": 64, "data": {"source": "local", "split_unit": "slice"},
+                                  "seeds": {"split": 23, "train": [23]}, "git_commit": "abcdef1234567"}
+        (folder / "v.json").write_text(json.dumps(data))
+    assert cli_main(["compare", str(tmp_path / "patient"), str(tmp_path / "slice"), "--labels", "P", "S"]) == 0
+    out = capsys.readouterr().out
+    assert "| dice_slice_mean (%) | 80.00 | 90.00 | +10.00 | +12.5 % |" in out
+    assert "P: provenance not recorded" in out
+    assert "S: local data (no fingerprint), slice split seed 23 · 64 px" in out
+    assert "commit abcdef1234" in out
+    # a folder with two variants needs --variant
+    (tmp_path / "slice" / "metrics" / "w.json").write_text(json.dumps(metrics_file(0.7)))
+    assert cli_main(["compare", str(tmp_path / "patient"), str(tmp_path / "slice")]) == 2
+    assert "--variant" in capsys.readouterr().err
+    assert cli_main(["compare", str(tmp_path / "patient"), str(tmp_path / "slice"), "--variant", "v"]) == 0
+    assert "| 80.00 | 90.00 |" in capsys.readouterr().out

@@ -97,3 +97,25 @@ def test_summary_lines_show_raw_and_post_processed_test_numbers(tmp_path):
                         "dice_micro 0.7500, empty_fp_rate 0.0400")
     assert lines[1].startswith("  laptop test, post-processed: dice_slice_mean 0.8600") and "empty_fp_rate 0.0100" in lines[1]
     assert len(lines) == 3 and "models/laptop" in lines[2]
+
+
+def test_demo_table_lines_are_marked_synthetic_and_show_every_variant(tmp_path):
+    import json
+
+    from lggseg.workspace import demo_table_lines
+
+    (tmp_path / "metrics").mkdir()
+    training = {"23": {"epochs_done": 2, "best_val_dice": 0.8123}}
+    (tmp_path / "metrics" / "unet.json").write_text(json.dumps(
+        {"dice_slice_mean": 0.9, "dice_tumour_slices": 0.41, "dice_patient_3d": None, "empty_fp_rate": 0.05,
+         "provenance": {"training": training}}))
+    (tmp_path / "metrics" / "regnet.json").write_text(json.dumps(
+        {"dice_slice_mean": 0.7, "dice_tumour_slices": 0.0, "dice_patient_3d": 0.0, "empty_fp_rate": 0.0}))
+    (tmp_path / "metrics" / "demo_time.json").write_text('{"seconds": 3}')  # not a variant
+    lines = demo_table_lines(tmp_path)
+    assert "SYNTHETIC" in lines[0]
+    assert lines[1].split() == ["variant", "epochs", "val", "Dice", "slice-mean", "tumour", "slices", "3D",
+                                "empty-slice", "FP"]
+    assert lines[2].split() == ["regnet", "?", "-", "0.700", "0.000", "0.000", "0.000"]  # no provenance: "?"/"-"
+    assert lines[3].split() == ["unet", "2", "0.812", "0.900", "0.410", "-", "0.050"]
+    assert len(lines) == 4

@@ -5,6 +5,11 @@ slice puts adjacent slices of one patient in train and test): run the same varia
 once with ``manifest.split_unit: patient`` and once with ``slice``, then::
 
     lggseg compare patient.json slice.json --labels "patient split" "slice split"
+    lggseg compare results/cpu-patient-split-<date> results/cpu-slice-split-<date>
+
+Either argument may be a metrics file or a result snapshot folder (:mod:`lggseg.snapshot`), whose
+``metrics/<variant>.json`` is read (``--variant`` picks one when the folder holds several). Under the
+table, one provenance line per side says what each result was made from.
 
 prints a Markdown table of every scalar metric of ``metrics/<variant>.json`` (see
 :mod:`lggseg.metrics`) with B - A (percentage points for the Dice-like fractions) and the relative
@@ -16,10 +21,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from lggseg.errors import USER_ERRORS
-from lggseg.report import FRACTION_KEYS, SCALAR_KEYS, _md_table, load_metrics
+from lggseg.errors import USER_ERRORS, DataError
+from lggseg.report import FRACTION_KEYS, SCALAR_KEYS, _md_table, load_metrics, provenance_line
 
 COUNT_KEYS = frozenset({"n_test_slices", "n_test_patients"})
 
@@ -62,24 +68,45 @@ def compare_markdown(a: Mapping[str, Any], b: Mapping[str, Any], labels: Sequenc
     return _md_table(["metric", la, lb, f"{lb} - {la}", "relative"], compare_rows(a, b))
 
 
+def resolve_metrics(path: str | Path, variant: str | None = None) -> Path:
+    """The metrics file behind ``path``: the file itself, or ``<folder>/metrics/<variant>.json`` of a
+    snapshot (the only variant there when ``variant`` is None)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = path / "metrics"
+    if variant is not None:
+        return folder / f"{variant}.json"
+    found = sorted(p for p in folder.glob("*.json") if p.is_file())
+    if len(found) != 1:
+        names = ", ".join(p.stem for p in found) or "none"
+        raise DataError(f"{path}: expected one metrics/<variant>.json in this folder, found {names}; "
+                        "name one with --variant")
+    return found[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lggseg compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("a", help="metrics/<variant>.json of the reference run")
-    ap.add_argument("b", help="metrics/<variant>.json of the run to compare with it")
+    ap.add_argument("a", help="metrics/<variant>.json of the reference run, or its result snapshot folder")
+    ap.add_argument("b", help="metrics/<variant>.json of the run to compare with it, or its snapshot folder")
+    ap.add_argument("--variant", help="the variant to read from snapshot folders that hold several")
     ap.add_argument("--labels", nargs=2, default=("A", "B"), metavar=("LABEL_A", "LABEL_B"))
     ap.add_argument("--postprocessed", action="store_true", help="compare the post-processed blocks instead")
     args = ap.parse_args(argv)
     try:
-        a, b = load_metrics(args.a), load_metrics(args.b)
+        a = load_metrics(resolve_metrics(args.a, args.variant))
+        b = load_metrics(resolve_metrics(args.b, args.variant))
     except USER_ERRORS as exc:
         print(f"lggseg compare: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if args.postprocessed:
         if "postprocessed" not in a or "postprocessed" not in b:
             print("lggseg compare: --postprocessed, but a file has no 'postprocessed' block", file=sys.stderr)
-            return 1
-        a, b = a["postprocessed"], b["postprocessed"]
-    print("\n".join(compare_markdown(a, b, args.labels)))
+            return 2
+        a, b = {**a["postprocessed"], "provenance": a.get("provenance")}, {**b["postprocessed"], "provenance": b.get("provenance")}
+    lines = compare_markdown(a, b, args.labels)
+    lines += ["", *(f"{label}: {provenance_line(m)}" for label, m in zip(args.labels, (a, b), strict=True))]
+    print("\n".join(lines))
     return 0
 
 

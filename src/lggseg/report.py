@@ -462,6 +462,15 @@ def _grouped(values: Mapping[str, str]) -> str:
     return "; ".join(f"{v} ({', '.join(f'`{n}`' for n in names)})" for v, names in groups.items())
 
 
+def provenance_line(metrics: Mapping[str, Any]) -> str:
+    """The provenance of one metrics file in a line (data, image size, device, epochs, init, seeds,
+    versions, commit), or a note that it has none."""
+    p = metrics.get("provenance")
+    if not isinstance(p, Mapping):
+        return "provenance not recorded"
+    return " · ".join(_training_fields(p).values())
+
+
 def provenance_lines(results: Sequence[Result]) -> list[str]:
     """The one-line provenance of a table's results, and a warning line when they mix data or image sizes."""
     if not results:
