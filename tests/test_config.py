@@ -62,6 +62,7 @@ def test_demo_overrides_validate():
         ("train", {"data_path": "gpu"}, "train.data_path must be one of"),
         ("train", {"checkpoint_every": 0}, "train.checkpoint_every must be a positive integer"),
         ("train", {"checkpoint_every": 1.5}, "integer"),
+        ("train", {"fused_adam": "yes"}, "train.fused_adam must be true or false"),
         ("postprocess", {"min_area": -1}, ">= 0"),
         ("evaluate", {"threshold": 1.0}, "(0, 1)"),
         ("model", {"arch": "fpn"}, "model.arch"),

@@ -570,3 +570,74 @@ def test_resident_training_and_evaluation_need_neither_albumentations_nor_dvcliv
     metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
     assert metrics["val"]["dice"] == result["history"][-1]["val/dice"] and metrics["step"] == 1
     assert yaml.safe_load((out / "dvclive" / "params.yaml").read_text())["seed"] == SEED
+
+
+def test_fused_adam_is_the_same_update_rounded_differently(store_dir, tmp_path):
+    """train.fused_adam: one step equals the default optimiser's to rounding; a run repeats exactly; the
+    setting is part of the run fingerprint (training is chaotic, so whole runs drift apart)."""
+    from lggseg.config import TrainConfig
+    from lggseg.train import adam
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(32, 8)
+    for net, fused in zip(nets, (False, True), strict=True):
+        opt = adam(net.parameters(), TrainConfig(fused_adam=fused, lr=0.01))
+        assert bool(opt.defaults["fused"]) is fused
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    fused = train_variant(tiny_run(1, fused_adam=True), store_dir, tmp_path / "f1", SEED)
+    again = train_variant(tiny_run(1, fused_adam=True), store_dir, tmp_path / "f2", SEED)
+    a, b = _weights(tmp_path / "f1"), _weights(tmp_path / "f2")
+    assert fused["history"] == again["history"] and all(torch.equal(a[k], b[k]) for k in a)
+    import lggseg.train as T
+
+    store_fp = T._store_fingerprint(store_dir)
+    assert fused["fingerprint"] == run_fingerprint(tiny_run(1, fused_adam=True), SEED, store_fp, "cpu", False)
+    assert fused["fingerprint"] != run_fingerprint(tiny_run(1), SEED, store_fp, "cpu", False)
+
+
+def test_recalibrate_batchnorm_sets_the_exact_average_and_restores_state():
+    from lggseg.train import recalibrate_batchnorm
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3, momentum=0.1)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x, a=None):
+            return self.drop(self.bn(x))
+
+    net = Net().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=g) * (i + 1) + i for i in range(3)]
+    state = torch.get_rng_state()
+    assert recalibrate_batchnorm(net, [(x, None) for x in batches]) == 1
+    # equal weight per batch: mean of the batch means, mean of the unbiased batch variances
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in batches]).mean(0)
+    variances = torch.stack([x.transpose(0, 1).reshape(3, -1).var(dim=1) for x in batches]).mean(0)
+    assert torch.allclose(net.bn.running_mean, means, atol=1e-5)
+    assert torch.allclose(net.bn.running_var, variances, atol=1e-4)
+    assert net.bn.momentum == 0.1 and not net.training  # restored
+    assert torch.equal(torch.get_rng_state(), state)  # dropout in train mode drew from a forked stream
+    assert recalibrate_batchnorm(torch.nn.Linear(2, 2), []) == 0
+
+
+def test_bn_recalibration_in_training_is_deterministic_and_changes_the_run(store_dir, tmp_path):
+    base = train_variant(tiny_run(1), store_dir, tmp_path / "base", SEED)
+    one = train_variant(tiny_run(1, bn_recalibration_slices=12), store_dir, tmp_path / "r1", SEED)
+    two = train_variant(tiny_run(1, bn_recalibration_slices=12), store_dir, tmp_path / "r2", SEED)
+    a, b = _weights(tmp_path / "r1"), _weights(tmp_path / "r2")
+    assert one["history"] == two["history"] and all(torch.equal(a[k], b[k]) for k in a)
+    # the same training steps (the recalibration draws no random numbers), other BN statistics
+    assert one["history"][0]["train/loss"] == base["history"][0]["train/loss"]
+    ref = _weights(tmp_path / "base")
+    stats = [k for k in a if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(a[k], ref[k]) for k in stats)
+    assert one["fingerprint"] != base["fingerprint"]

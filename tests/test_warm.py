@@ -122,3 +122,16 @@ def test_a_stage_started_during_the_imports_waits_and_runs_warm(tmp_path, sock_d
     with warm.server(sock_dir / "s.sock", timeout=30, preload=("torch",), env=env) as extra:
         out = _run(_script(tmp_path), {**env, **extra})
     assert "warm child True" in out.stdout and out.returncode == 0
+
+
+def test_environment_set_by_a_preloaded_library_does_not_refuse_clients(tmp_path, sock_dir):
+    """Libraries set variables when they load (torch's inductor sets TORCHINDUCTOR_CACHE_DIR): clients are
+    compared with the environment the server started with, which is what a fresh stage process has."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "sets_env_at_import.py").write_text("import os\nos.environ['OMP_SET_BY_IMPORT'] = '1'\n")
+    env = {k: v for k, v in os.environ.items() if k != warm.ENV_SOCKET}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(lib), env.get("PYTHONPATH")]))
+    with warm.server(sock_dir / "s.sock", timeout=30, preload=("sets_env_at_import",), env=env) as extra:
+        out = _run(_script(tmp_path), {**env, **extra})
+    assert "warm child True" in out.stdout and out.returncode == 0

@@ -269,6 +269,16 @@ class TrainConfig:
     data_path: str = "auto"  # auto | loader | resident
     # The resumable checkpoint is written every N epochs and after the last epoch of the run.
     checkpoint_every: int = 1
+    # torch's fused Adam (one kernel over all parameters) instead of the default multi-tensor one: the
+    # same update, rounded differently. On CPU at 64 px the update of a 50-90M-parameter encoder took
+    # 0.28-0.48 s per step with the default and 0.08-0.10 s fused (tf_efficientnetv2_m, repvgg_b2).
+    fused_adam: bool = False
+    # Before each validation, recompute every BatchNorm layer's running mean and variance as the exact
+    # average over this many train slices (un-augmented, batches of 16), instead of the momentum average
+    # of the training steps ("precise BN", Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"). For
+    # short runs: after one 28-step demo epoch, repvgg_b2 predicted nothing in eval mode (test tumour-slice
+    # Dice 0.0) while its training Dice was 0.62; recomputed over 160 slices, 0.70. 0: off (the paper's way).
+    bn_recalibration_slices: int = 0
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
@@ -288,6 +298,9 @@ class TrainConfig:
         _require(self.data_path in DATA_PATHS, f"train.data_path must be one of {DATA_PATHS}, got {self.data_path!r}")
         _require(_is_int(self.checkpoint_every) and self.checkpoint_every > 0,
                  f"train.checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
+        _require(isinstance(self.fused_adam, bool), f"train.fused_adam must be true or false, got {self.fused_adam!r}")
+        _require(_is_int(self.bn_recalibration_slices) and self.bn_recalibration_slices >= 0,
+                 f"train.bn_recalibration_slices must be a non-negative integer, got {self.bn_recalibration_slices!r}")
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
     from lggseg.losses import CompoundLoss
     from lggseg.models import build_model
     from lggseg.predict import infer_probabilities
-    from lggseg.train import applied, step_setup, train_step
+    from lggseg.train import adam, applied, step_setup, train_step
 
     cuda = device.type == "cuda"
     setup = step_setup(run.train, device)
@@ -96,7 +96,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
             memory_format = torch.channels_last if setup.channels_last else torch.contiguous_format
             model = build_model(model_cfg, N_ATTRIBUTES, image_size).to(device, memory_format=memory_format)
             net = torch.compile(model) if setup.compile else model
-            optimizer = torch.optim.Adam(model.parameters(), lr=run.train.lr, weight_decay=run.train.weight_decay)
+            optimizer = adam(model.parameters(), run.train)
             loss_fn = CompoundLoss(run.loss).to(device)
             epoch = run.loss.gamma_warmup_epochs + run.loss.gamma_ramp_epochs  # the outlier term at full weight
             x, y, a = _synthetic(batch, image_size, device)

@@ -42,7 +42,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +143,10 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_ty
     cfg["common"].pop("device", None)
     for key in ("num_workers", "cpu_threads", "log_every", "checkpoint_every"):
         cfg["train"].pop(key, None)
+    # Settings added later count only when used, so that runs made before them keep their identity.
+    for key, default in (("fused_adam", False), ("bn_recalibration_slices", 0)):
+        if cfg["train"].get(key) == default:
+            cfg["train"].pop(key, None)
     blob = json.dumps({"run": cfg, "seed": seed, "data": store_fingerprint,
                        "device_type": device_type, "bf16": bool(bf16)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -487,6 +491,45 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, planned_epochs:
     return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+def adam(params: Any, cfg: TrainConfig) -> torch.optim.Adam:
+    """The optimiser of section 4.1.3 (Adam, ``train.lr``, ``train.weight_decay``); fused if ``train.fused_adam``."""
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if cfg.fused_adam else None)
+
+
+RECALIBRATION_BATCH = 16  # slices per forward pass of recalibrate_batchnorm (any size gives the same averages)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                          bf16: bool = False) -> int:
+    """Set every BatchNorm layer's running statistics to the exact average over ``batches`` ("precise BN").
+
+    ``batches`` yields ``(x, a)``: images ``(B, 3, H, W)`` and attributes ``(B, A)`` or None. Each layer's
+    running mean becomes the mean of its per-batch means and its running variance the mean of its
+    per-batch (unbiased) variances, with equal weight per batch. The model runs in train mode without
+    gradients; its mode, the layers' momenta and the global random streams (dropout, drop-path) are
+    restored afterwards. Returns the number of BatchNorm layers (0: nothing to do, nothing run).
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches seen
+        model.train()
+        for x, a in batches:
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                model(x, a)
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
+
+
 def train_step(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -556,6 +599,8 @@ class _Trainer:
                                                 world_size=info.world_size)
             self.sampler = self.train_loader
             self.val_loader = ResidentBatches(store, val_share, size, info.device, batch)
+            recal = self._recalibration_indices(train_idx)
+            self.recal_loader = ResidentBatches(store, recal, size, info.device, RECALIBRATION_BATCH) if len(recal) else None
         else:
             train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
             val_ds = SliceDataset(store, val_share, size, None)
@@ -570,6 +615,9 @@ class _Trainer:
             # drop_last: no ragged last batch (BatchNorm on a batch of one fails; compiled graphs stay static)
             self.train_loader = self._loader(train_ds, batch, self.sampler, drop_last=True)
             self.val_loader = self._loader(val_ds, batch, None, drop_last=False)
+            recal = self._recalibration_indices(train_idx)
+            self.recal_loader = (self._loader(SliceDataset(store, recal, size, None), RECALIBRATION_BATCH, None, drop_last=False)
+                                 if len(recal) else None)
 
         from lggseg.models import build_model
 
@@ -583,7 +631,7 @@ class _Trainer:
         if info.distributed and self.cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small
         self.model = model
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adam(model.parameters(), cfg)
         self.loss_fn = CompoundLoss(run.loss).to(info.device)
 
         self.net: nn.Module = torch.compile(model) if self.setup.compile else model
@@ -606,6 +654,14 @@ class _Trainer:
         self.files: dict[str, str | None] = {"state": None, "best": None}
         self.best_unsaved = False  # best weights newer than the checkpoint's (train.checkpoint_every > 1)
         self.train_seconds, self.wall_seconds, self.images = 0.0, 0.0, 0
+
+    def _recalibration_indices(self, train_idx: np.ndarray) -> np.ndarray:
+        """The train slices of ``train.bn_recalibration_slices`` (a fixed seeded draw; this rank's share)."""
+        n = min(self.cfg.bn_recalibration_slices, len(train_idx))
+        if n == 0:
+            return train_idx[:0]
+        chosen = np.sort(np.random.default_rng(self.seed).permutation(len(train_idx))[:n])
+        return train_idx[chosen][self.info.rank :: self.info.world_size]
 
     def _data_path(self, n: int, size: int) -> str:
         """``train.data_path`` resolved on this device (the same on every rank); logged once."""
@@ -749,6 +805,9 @@ class _Trainer:
         t0 = time.perf_counter()
         sums, parts = self.train_epoch(epoch)
         t_train = time.perf_counter() - t0
+        if self.recal_loader is not None:
+            recalibrate_batchnorm(self.model, ((x, a) for x, _, a in map(self._to_device, self.recal_loader)),
+                                  self.setup.bf16 and self.cuda)
         val = self.validate(epoch)
         sums = _all_sum(self.info, sums)
         names = sorted(parts)

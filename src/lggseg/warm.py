@@ -180,6 +180,8 @@ def serve(socket_path: str | Path, preload: Sequence[str] = PRELOAD, ready: bool
     listener.bind(str(socket_path))
     listener.listen(64)
     print(f"[warm] listening: {socket_path}", flush=True)
+    # Before the imports: torch sets CUDA_MODULE_LOADING when it loads, a stage's fresh process has not.
+    env_at_start = import_env(os.environ)
     try:
         for name in preload:
             importlib.import_module(name)
@@ -188,7 +190,6 @@ def serve(socket_path: str | Path, preload: Sequence[str] = PRELOAD, ready: bool
         listener.close()  # queued clients see the connection drop and run cold
         socket_path.unlink(missing_ok=True)
         raise
-    env_at_start = import_env(os.environ)
     # Children are reaped by the kernel; each one reports its own exit status to its client.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     stop = False
