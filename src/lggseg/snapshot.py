@@ -52,7 +52,8 @@ def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | P
         for result in sorted((ws / "models" / v).glob("seed_*/result.json")):
             _copy(result, dest / "training" / v / result.parent.name / "result.json")
     _copy(ws / "params.yaml", dest / "params.yaml")
-    for optional in ("dvc.lock", "metrics/run_time.json", "metrics/fetch.json", "metrics/data.json"):
+    for optional in ("dvc.lock", "metrics/run_time.json", "metrics/demo_time.json", "metrics/fetch.json",
+                     "metrics/data.json", "metrics/tables.md"):
         if (ws / optional).is_file():
             _copy(ws / optional, dest / Path(optional).name)
     record: dict[str, Any] = {
