@@ -23,7 +23,7 @@ TINY = {
     "common": {"device": "cpu"},
     "model": {"encoder": "test_efficientnet", "pretrained": False, "decoder_channels": 16, "attribute_hidden": 8},
     "train": {"batch_size": 4, "num_workers": 0, "cpu_threads": 1, "data_path": "resident"},
-    "evaluate": {"bootstrap_samples": 50},
+    "evaluate": {"bootstrap_samples": 100},
 }
 
 # Imported first by the child (PYTHONPATH): albumentations and dvclive cannot be imported, and every
