@@ -353,7 +353,8 @@ def _tiny_params(tmp_path: Path) -> Path:
     params["train"] = {**params["train"], "num_workers": 1}
     tiny = {"batch_size": 2, "warmup": 0, "reps": 1, "loss_reps": 1, "data_batches": 2, "infer_batches": 1,
             "matmul_size": 64}
-    params["bench"] = {"cpu": tiny, "candidates": False, "outlier_js": [21, 41]}
+    params["bench"] = {"cpu": tiny, "candidates": False, "outlier_js": [21, 41], "path_sizes": [32, 64],
+                       "path_rounds": 1, "concurrent_cases": 3, "concurrent_cpu_size": 32}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -391,6 +392,7 @@ def test_stage_writes_every_figure_and_keeps_other_devices(tmp_path):
     assert "float32" in e["matmul_tflops"]
     assert e["demo_repro"] == {"seconds": 123.0, "source": str(tmp_path / "demo_time.json")}
     assert set(e["machine_load"]) == {"start", "end", "cpu_count", "busy"}
+    assert list(e["data_paths"]["sizes"]) == ["32px", "64px"] and e["concurrent"]["identical_results"] is True
 
 
 def test_store_is_the_given_one_or_a_synthetic_one(tmp_path):
@@ -409,3 +411,50 @@ def test_store_is_the_given_one_or_a_synthetic_one(tmp_path):
     build_manifest(raw, tmp_path / "manifest", load_section("common", params), load_section("manifest", params))
     with bench.open_store(replace(cfg, data_dir=tmp_path / "manifest")) as (store, source):
         assert source == str(tmp_path / "manifest") and len(store) > 0
+
+
+# --------------------------------------------------------------------------- issue #11: data paths, concurrent variants
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"path_sizes": []}, "at least one image size"),
+    ({"path_sizes": [40]}, "multiples of 16"),
+    ({"path_rounds": 0}, "path_rounds"),
+    ({"concurrent_cases": 2}, "concurrent_cases"),
+    ({"concurrent_cpu_size": 16}, ">= 32"),
+])
+def test_bad_paths_settings_are_rejected(section, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.load_bench_params({"bench": section})
+
+
+def _paths_config(tmp_path):
+    params = read_params(REPO / "params.yaml")
+    params["common"] = {**params["common"], "device": "cpu"}
+    params["model"] = {**params["model"], "encoder": "test_efficientnet", "decoder_channels": 16, "attribute_hidden": 8}
+    params["train"] = {**params["train"], "num_workers": 0, "batch_size": 2, "cpu_threads": 1}
+    params["bench"] = {"path_sizes": [32, 48], "path_rounds": 2, "concurrent_cases": 3, "concurrent_cpu_size": 32}
+    return bench.bench_config(params, demo_time_file=None)
+
+
+@pytest.mark.slow
+def test_data_paths_and_concurrent_variants_at_a_tiny_size(tmp_path):
+    from lggseg.bench_paths import bench_concurrent, bench_data_paths
+
+    cfg = _paths_config(tmp_path)
+    profile = bench.DeviceProfile(batch_size=2, warmup=0, reps=2, loss_reps=1, data_batches=1, infer_batches=1,
+                                  matmul_size=8)
+    with bench.open_store(cfg) as (store, _):
+        paths = bench_data_paths(cfg, store, CPU, profile, 2)
+    assert list(paths["sizes"]) == ["32px", "48px"] and paths["rounds"] == 2 and paths["steps_per_block"] == 2
+    for entry in paths["sizes"].values():
+        for path in ("loader", "resident"):
+            assert entry[path]["images_per_s"] > 0 and len(entry[path]["block_s"]) == 2
+        ratio = entry["resident"]["images_per_s"] / entry["loader"]["images_per_s"]
+        assert entry["ratio_resident_over_loader"] == pytest.approx(ratio, rel=1e-2)
+        assert entry["loader"]["workers"] == 0 and entry["resident"]["resident_load_s"] >= 0
+    conc = bench_concurrent(cfg, CPU)
+    assert conc["image_size"] == 32 and conc["cases"] == 3 and conc["data_path"] == "resident"
+    assert set(conc["variants"]) == {"bench_full_loss", "bench_bce"}
+    assert conc["ratio_concurrent_over_sequential"] == pytest.approx(conc["concurrent_s"] / conc["sequential_s"], rel=1e-2)
+    assert conc["identical_results"] is True  # on the CPU both modes give the same runs

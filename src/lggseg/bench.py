@@ -23,7 +23,10 @@ so that CPU and CUDA results live side by side:
    ``train.num_workers`` workers) delivers, divided by the images/s that "our" training step
    consumes; it must stay above :data:`DATA_RATIO_TARGET` or the GPU waits for the CPU.
 4. **Inference**: slices/s of the inference function of ``lggseg predict``, with and without TTA.
-5. **Demo wall time**: the time of the whole demo ``dvc repro``, taken as an input (it is far too
+5. **Data paths and concurrent variants** (:mod:`lggseg.bench_paths`, issue #11; ``--no-paths`` skips
+   them): the whole training step fed by the device-resident path against the DataLoader path at 64
+   and 256 px, and two variants trained at once (:mod:`lggseg.concurrent`) against one after another.
+6. **Demo wall time**: the time of the whole demo ``dvc repro``, taken as an input (it is far too
    long to run here) and recorded with its source.
 
 Plus the model's size and forward FLOPs per image (``torch.utils.flop_counter``), the measured
@@ -148,8 +151,28 @@ class BenchParams:
     candidates: bool = True  # also time the candidate set-ups (False: only the baseline and ours)
     compile: bool = True  # also time torch.compile on CUDA (never on CPU: compile time dwarfs the run)
     synthetic_cases: int = 3  # size of the generated store when no manifest store is given
+    # issue #11 (lggseg.bench_paths): resident vs DataLoader path, and two variants at once vs one after another
+    paths: bool = True  # measure them at all
+    path_sizes: tuple[int, ...] = (64, 256)
+    path_rounds: int = 2
+    concurrent_cases: int = 8
+    concurrent_epochs: int = 1
+    concurrent_cpu_size: int = 64  # on CUDA: common.image_size
 
     def __post_init__(self) -> None:
+        def positive_int(name: str, v: Any, least: int = 1) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"bench.{name} must be an integer >= {least}, got {v!r}")
+
+        if not self.path_sizes:
+            raise ConfigError("bench.path_sizes must name at least one image size")
+        for size in (*self.path_sizes, self.concurrent_cpu_size):
+            positive_int("path_sizes / concurrent_cpu_size", size, 32)
+            if size % 16:
+                raise ConfigError(f"bench image sizes must be multiples of 16, got {size}")
+        positive_int("path_rounds", self.path_rounds)
+        positive_int("concurrent_cases", self.concurrent_cases, 3)
+        positive_int("concurrent_epochs", self.concurrent_epochs)
         if len(self.outlier_js) < 1 or any(isinstance(j, bool) or not isinstance(j, int) or j < 3 or j % 2 == 0
                                            for j in self.outlier_js):
             raise ConfigError(f"bench.outlier_js must be odd integers >= 3, got {self.outlier_js!r}")
@@ -821,7 +844,8 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
         torch.cuda.set_device(dev)
     setups = candidate_setups(cfg.train, dev, cfg.bench)
     # model + per-setup steps + loss + data + inference + matmul
-    progress = tqdm(total=len(setups) + 5, desc=f"bench {key}", unit="part")
+    paths = cfg.bench.paths
+    progress = tqdm(total=len(setups) + 5 + 2 * paths, desc=f"bench {key}", unit="part")
     try:
         with open_store(cfg) as (store, store_source):
             torch.manual_seed(cfg.common.seed)
@@ -872,6 +896,17 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
             inference = bench_inference(model, batch, native, dev, profile)
             progress.update()
             n_params = count_parameters(model)
+            data_paths = concurrent = None
+            if paths:
+                from lggseg.bench_paths import bench_concurrent, bench_data_paths
+
+                del model, batch
+                progress.set_postfix_str("resident vs loader path")
+                data_paths = bench_data_paths(cfg, store, dev, profile, batch_size)
+                progress.update()
+                progress.set_postfix_str("two variants at once vs one after another")
+                concurrent = bench_concurrent(cfg, dev)
+                progress.update()
     finally:
         progress.close()
 
@@ -909,6 +944,7 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
         "loss": {"conditions": cond, **losses},
         "data": {"conditions": cond, **data},
         "inference": {"conditions": cond, **inference},
+        **({"data_paths": data_paths, "concurrent": concurrent} if paths else {}),
         "demo_repro": demo_time(cfg.demo_seconds, cfg.demo_time_file),
         "machine_load": machine_load(load_start, load_average()),
     }
@@ -937,6 +973,15 @@ def summary_lines(entry: Mapping[str, Any]) -> list[str]:
     lines.append(f"  data: {data['loader']['images_per_s']:.1f} img/s with {data['loader']['workers']} workers, "
                  f"ratio {data['ratio']:.2f} ({'ok' if data['ok'] else 'BELOW ' + str(DATA_RATIO_TARGET)})")
     lines.append(f"  inference: {inf['plain']['slices_per_s']:.2f} slices/s, TTA {inf['tta']['slices_per_s']:.2f} slices/s")
+    if "data_paths" in entry:
+        for size, v in entry["data_paths"]["sizes"].items():
+            lines.append(f"  step + data at {size}: loader {v['loader']['images_per_s']:.2f} img/s, resident "
+                         f"{v['resident']['images_per_s']:.2f} img/s (x{v['ratio_resident_over_loader']:.2f})")
+        c = entry["concurrent"]
+        same = "" if "identical_results" not in c else (", results identical" if c["identical_results"]
+                                                          else ", RESULTS DIFFER")
+        lines.append(f"  2 variants at {c['image_size']}px: one after another {c['sequential_s']:.1f} s, at once "
+                     f"{c['concurrent_s']:.1f} s (x{c['ratio_concurrent_over_sequential']:.2f}){same}")
     demo = entry["demo_repro"]
     lines.append(f"  demo dvc repro: {demo['source']}" if demo["seconds"] is None
                  else f"  demo dvc repro: {demo['seconds']:.0f} s ({demo['source']})")
@@ -960,6 +1005,8 @@ def build_parser(prog: str = "lggseg bench") -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=None, help="override the device profile's repetitions")
     ap.add_argument("--no-candidates", action="store_true", help="time only the baseline and our set-up")
     ap.add_argument("--no-compile", action="store_true", help="do not time torch.compile on CUDA")
+    ap.add_argument("--no-paths", action="store_true",
+                    help="skip resident vs DataLoader path and concurrent vs sequential variants")
     return ap
 
 
@@ -974,6 +1021,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         over["candidates"] = False
     if args.no_compile:
         over["compile"] = False
+    if args.no_paths:
+        over["paths"] = False
     params = deep_merge(params, {"bench": over})
     return bench_config(params, args.data, args.demo_seconds, args.demo_time_file)
 

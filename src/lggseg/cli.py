@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preflight": ("lggseg.preflight", "build every training variant on this device and time a few steps of it"),
     "compare": ("lggseg.compare", "two metrics files side by side with the difference of every metric"),
     "demo": ("lggseg.workspace", "run the whole pipeline on synthetic data in its own workspace (demo/)"),
+    "reproduce": ("lggseg.reproduce", "raw kaggle_3m -> manifest -> several variants trained at once -> test metrics"),
+    "report": ("lggseg.report", "tables.md and the figures of a `lggseg reproduce` folder"),
 }
 """Sub-command -> (module with ``main(argv) -> int``, one-line help)."""
 

@@ -22,10 +22,12 @@ sources/fingerprints or image sizes, whose numbers must not be compared as if al
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lggseg import manifest, plotting
 from lggseg.config import ConfigError, RunConfig, load_section, resolve_variant, variant_names
-from lggseg.errors import DataError
+from lggseg.errors import USER_ERRORS, DataError
 from lggseg.io import write_text
 from lggseg.metrics import SUMMARY_KEYS
 
@@ -179,6 +181,12 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
+    return check_metrics(data, path)
+
+
+def check_metrics(data: Any, path: str | Path) -> dict[str, Any]:
+    """Validate one variant's metrics (the content of ``metrics/<variant>.json``); ``path`` names it in errors."""
+    path = Path(path)
     _check_block(data, path, "", require_ci=True)
     # Absent when postprocess.min_area is 0 (post-processing disabled).
     if "postprocessed" in data:
@@ -227,6 +235,12 @@ def load_figure_slices(path: str | Path) -> FigureSlices:
             ids, image, truth, prob = (z[k] for k in ("ids", "image", "truth", "prob"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file: {exc}") from None
+    return check_figure_slices(ids, image, truth, prob, path)
+
+
+def check_figure_slices(ids: np.ndarray, image: np.ndarray, truth: np.ndarray, prob: np.ndarray,
+                        path: str | Path) -> FigureSlices:
+    """Validated :class:`FigureSlices` from the arrays of a ``figure_slices.npz`` (``path`` names it in errors)."""
     k = len(ids)
     if k == 0:
         raise DataError(f"{path}: holds no slices")
@@ -794,9 +808,6 @@ def build_report(
     fails the stage without leaving a half-updated report.
     """
     metrics_dir, eval_dir, manifest_dir = Path(metrics_dir), Path(eval_dir), Path(manifest_dir)
-    out_md, plots_dir = Path(out_md), Path(plots_dir)
-    evaluate = load_section("evaluate", params)
-
     results = load_results(params, metrics_dir)
     source = data_source(metrics_dir, params)
     components = load_components(manifest_dir / "components.csv")
@@ -806,24 +817,65 @@ def build_report(
     fig8 = figure8_variants(results)
     slices = {r.name: load_figure_slices(eval_dir / r.name / "figure_slices.npz")
               for r in tqdm({r.name: r for r in (*fig7, *fig8)}.values(), desc="figure slices", leave=False)}
-    first_name, first = next(iter(slices.items()))
-    for name, s in slices.items():
-        if s.ids != first.ids:
-            raise DataError(
-                f"{eval_dir / name / 'figure_slices.npz'}: slice ids {s.ids} differ from {first.ids} of {first_name}"
-            )
+    write_report(params, results, source, components, slices, out_md, plots_dir,
+                 where=ReportSources(eval_dir, manifest_dir / "components.csv", data_json, summary), fig7=fig7, fig8=fig8)
+
+
+@dataclass(frozen=True)
+class ReportSources:
+    """Where the report's inputs came from (named in its text) and the dataset summary, if any."""
+
+    figure_slices: Path  # folder or file of the figure slices
+    components: Path
+    summary_path: Path
+    summary: Any = None
+    figure9: bool = True  # link the figure9 stage's plot (not part of a `lggseg reproduce` folder)
+
+
+def write_report(
+    params: Mapping[str, Any],
+    results: Sequence[Result],
+    source: DataSource,
+    components: pd.DataFrame,
+    slices: Mapping[str, FigureSlices],
+    out_md: str | Path,
+    plots_dir: str | Path,
+    *,
+    where: ReportSources,
+    fig7: tuple[Result, Result] | None,
+    fig8: list[Result] | None,
+    missing: Mapping[str, str] | None = None,
+) -> None:
+    """The report of loaded, validated inputs: :func:`build_report` (the stage) and
+    :func:`lggseg.reproduce.build_folder_report` (a ``lggseg reproduce`` folder) both end here.
+
+    ``fig7``/``fig8`` None: that figure is not drawn, for the reason in ``missing[figure]``.
+    """
+    out_md, plots_dir = Path(out_md), Path(plots_dir)
+    evaluate = load_section("evaluate", params)
+    missing = dict(missing or {})
+    drawn = [*(fig7 or ()), *(fig8 or ())]
+    if drawn:
+        first_name = drawn[0].name
+        first = slices[first_name]
+        for name in {r.name for r in drawn}:
+            if slices[name].ids != first.ids:
+                raise DataError(f"{where.figure_slices}: slice ids {slices[name].ids} of {name} differ from "
+                                f"{first.ids} of {first_name}")
 
     note = _figure_note(source)
     paths = {key: plots_dir / fname for key, fname in FIGURE_FILES.items()}
-    plotting.plot_loss_comparison(
-        first.ids, first.image, first.truth,
-        [(_loss_label(r), slices[r.name].prob) for r in fig7],
-        evaluate.threshold, paths["figure7"], note=note, connectivity=evaluate.connectivity,
-    )
-    plotting.plot_encoder_grid(
-        first.ids, first.image, first.truth,
-        [(_short_label(r), slices[r.name].prob > evaluate.threshold) for r in fig8], paths["figure8"], note=note,
-    )
+    if fig7 is not None:
+        plotting.plot_loss_comparison(
+            first.ids, first.image, first.truth,
+            [(_loss_label(r), slices[r.name].prob) for r in fig7],
+            evaluate.threshold, paths["figure7"], note=note, connectivity=evaluate.connectivity,
+        )
+    if fig8 is not None:
+        plotting.plot_encoder_grid(
+            first.ids, first.image, first.truth,
+            [(_short_label(r), slices[r.name].prob > evaluate.threshold) for r in fig8], paths["figure8"], note=note,
+        )
     counts = component_counts(components)
     plotting.plot_component_sizes(
         {f"{c}-connected": components.loc[components["connectivity"] == c, "area"].to_numpy() for c in counts},
@@ -839,13 +891,33 @@ def build_report(
         lines += paper_table_markdown(table, results)
     lines += [f"![Test Dice by variant]({links['dice']})", ""]
     lines += ["## Figures", ""]
-    fig9_state = "" if paths["figure9"].is_file() else " (not written yet: run the figure9 stage)"
-    lines += [
-        f"- Figure 7 (loss comparison, `{fig7[0].name}` vs `{fig7[1].name}`): ![figure 7]({links['figure7']})",
-        f"- Figure 8 (encoders of Table 4): ![figure 8]({links['figure8']})",
-        f"- Figure 9 (outlier loss on a synthetic input){fig9_state}: ![figure 9]({links['figure9']})",
-        "",
-    ]
+    lines.append(f"- Figure 7 (loss comparison, `{fig7[0].name}` vs `{fig7[1].name}`): ![figure 7]({links['figure7']})"
+                 if fig7 is not None else f"- Figure 7: not drawn ({missing.get('figure7', 'not asked for')})")
+    lines.append(f"- Figure 8 (encoders of Table 4): ![figure 8]({links['figure8']})"
+                 if fig8 is not None else f"- Figure 8: not drawn ({missing.get('figure8', 'not asked for')})")
+    if where.figure9:
+        fig9_state = "" if paths["figure9"].is_file() else " (not written yet: run the figure9 stage)"
+        lines.append(f"- Figure 9 (outlier loss on a synthetic input){fig9_state}: ![figure 9]({links['figure9']})")
+    lines.append("")
     lines += beyond_markdown(results)
-    lines += _dataset_lines(components, manifest_dir / "components.csv", data_json, summary, links["components"])
+    lines += _dataset_lines(components, where.components, where.summary_path, where.summary, links["components"])
     write_text(out_md, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None, prog: str = "lggseg report") -> int:
+    """``lggseg report DIR``: tables.md and the figures of a ``lggseg reproduce`` folder
+    (:func:`lggseg.reproduce.build_folder_report`); the pipeline's report is the ``report`` stage."""
+    ap = argparse.ArgumentParser(prog=prog, description="Paper Tables 2-4 and figures from a `lggseg reproduce` folder.")
+    ap.add_argument("folder", type=Path, help="the folder lggseg reproduce wrote")
+    ap.add_argument("--tables", type=Path, help="markdown to write (default: FOLDER/tables.md)")
+    ap.add_argument("--plots", type=Path, help="folder for the figures (default: FOLDER/plots)")
+    args = ap.parse_args(argv)
+    from lggseg.reproduce import build_folder_report
+
+    try:
+        path = build_folder_report(args.folder, args.tables, args.plots)
+    except USER_ERRORS as exc:
+        print(f"report: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -45,6 +45,7 @@ is a function of the epoch number alone and a run resumes exactly at an epoch bo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -265,6 +266,21 @@ class ResidentBatches:
                                                                 device=self.device)
         attrs = np.asarray(store.attributes, dtype=np.float32).reshape(n_store, -1)
         self.attributes = torch.from_numpy(attrs[indices]).to(self.device)
+
+    def view(self, batch_size: int, augment: AugmentConfig | None = None, seed: int = 0, shuffle: bool = False,
+             drop_last: bool = False, rank: int = 0, world_size: int = 1) -> ResidentBatches:
+        """Another batcher over the same device tensors, with its own batching, order and augmentation.
+
+        Several variants trained in one process (:mod:`lggseg.concurrent`) read one copy of a split
+        this way; nothing is copied, and the tensors are only ever read.
+        """
+        if batch_size <= 0:
+            raise DataError(f"ResidentBatches: batch_size must be positive, got {batch_size}")
+        other = copy.copy(self)
+        other.batch_size, other.augment, other.seed = int(batch_size), augment, int(seed)
+        other.shuffle, other.drop_last, other.rank, other.world_size = shuffle, drop_last, rank, world_size
+        other.epoch = 0
+        return other
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order and augmentation the next iteration yields."""

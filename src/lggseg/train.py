@@ -42,7 +42,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +295,15 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def drain(gen: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end; returns its return value (the uninterleaved use of a step generator)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _slice_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -558,7 +567,11 @@ class _Trainer:
     """The state of one seed's training: data, network, optimizer, best weights, history."""
 
     def __init__(self, run: RunConfig, store_dir: Path, out_dir: Path, seed: int, info: DistInfo, fingerprint: str,
-                 setup: StepSetup):
+                 setup: StepSetup, *, store: Any = None, shared: dict[tuple, Any] | None = None,
+                 progress: bool = True):
+        """``store``: the opened manifest store of ``store_dir`` (opened here when None). ``shared``: a
+        cache of device-resident splits that variants trained in one process share (see
+        :mod:`lggseg.concurrent`). ``progress``: per-step progress bars."""
         from lggseg.losses import CompoundLoss
         from lggseg.manifest import load_store
 
@@ -566,9 +579,10 @@ class _Trainer:
         self.out_dir, self.fingerprint = out_dir, fingerprint
         self.label = f"{run.variant} seed {seed}"
         self.cuda = info.device.type == "cuda"
+        self.progress = progress
         cfg = run.train
 
-        self.store = store = load_store(store_dir)
+        self.store = store = load_store(store_dir) if store is None else store
         train_idx, val_idx = store.indices("train"), store.indices("val")
         if len(val_idx) == 0:
             raise DataError(f"{store_dir}: the val split is empty; training needs it to pick the best epoch")
@@ -584,23 +598,22 @@ class _Trainer:
 
         # Each rank validates an interleaved share of the val slices; the sums are all-reduced.
         val_share = val_idx[info.rank :: info.world_size]
-        self.data_path = self._data_path(len(train_idx) + len(val_share), size)
+        cached = shared is not None and ("train", size) in shared
+        self.data_path = self._data_path(len(train_idx) + len(val_share), size, cached)
         self.loader_gen = torch.Generator().manual_seed(seed)
         if self.data_path == "resident":
-            from lggseg.resident import ResidentBatches
-
             if cfg.empty_slice_fraction < 1:
                 raise ConfigError("train.empty_slice_fraction < 1 needs train.data_path: loader (the resident path "
                                   "draws every slice each epoch)")
 
             # the same contract as the loaders below: shuffled by (seed, epoch), drop_last, the rank's share
-            self.train_loader = ResidentBatches(store, train_idx, size, info.device, batch, cfg.augment, seed=seed,
-                                                shuffle=True, drop_last=True, rank=info.rank,
-                                                world_size=info.world_size)
+            self.train_loader = self._resident(shared, "train", train_idx, size, batch, augment=cfg.augment,
+                                               seed=seed, shuffle=True, drop_last=True, rank=info.rank,
+                                               world_size=info.world_size)
             self.sampler = self.train_loader
-            self.val_loader = ResidentBatches(store, val_share, size, info.device, batch)
+            self.val_loader = self._resident(shared, "val", val_share, size, batch)
             recal = self._recalibration_indices(train_idx)
-            self.recal_loader = ResidentBatches(store, recal, size, info.device, RECALIBRATION_BATCH) if len(recal) else None
+            self.recal_loader = self._resident(None, "recal", recal, size, RECALIBRATION_BATCH) if len(recal) else None
         else:
             train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
             val_ds = SliceDataset(store, val_share, size, None)
@@ -663,11 +676,18 @@ class _Trainer:
         chosen = np.sort(np.random.default_rng(self.seed).permutation(len(train_idx))[:n])
         return train_idx[chosen][self.info.rank :: self.info.world_size]
 
-    def _data_path(self, n: int, size: int) -> str:
-        """``train.data_path`` resolved on this device (the same on every rank); logged once."""
+    def _data_path(self, n: int, size: int, cached: bool = False) -> str:
+        """``train.data_path`` resolved on this device (the same on every rank); logged once.
+
+        ``cached``: another variant of this process already holds the splits on the device at this
+        size, so ``auto`` takes the resident path without asking for more memory.
+        """
         from lggseg.resident import choose_data_path
 
-        path, why = choose_data_path(self.cfg.data_path, self.info.device, n, size, self.n_attributes)
+        if cached and self.cfg.data_path == "auto" and self.info.device.type == "cuda":
+            path, why = "resident", "train.data_path: auto, the splits are already on the device (shared)"
+        else:
+            path, why = choose_data_path(self.cfg.data_path, self.info.device, n, size, self.n_attributes)
         if self.info.distributed and self.cfg.data_path == "auto":
             # resident only if it fits on every rank: all ranks must iterate the same way
             agree = _all_sum(self.info, torch.tensor([float(path == "resident")], device=self.info.device))
@@ -676,6 +696,19 @@ class _Trainer:
         if self.info.is_main:
             log.info("%s: data path %s (%s)", self.label, path, why)
         return path
+
+    def _resident(self, shared: dict[tuple, Any] | None, split: str, rows: np.ndarray, size: int, batch: int,
+                  **options: Any) -> Any:
+        """A :class:`~lggseg.resident.ResidentBatches` of ``rows``; with ``shared``, over the one device copy of
+        that split at that size that every variant of the process reads (loaded by the first to ask)."""
+        from lggseg.resident import ResidentBatches
+
+        if shared is None:
+            return ResidentBatches(self.store, rows, size, self.info.device, batch, **options)
+        key = (split, size)
+        if key not in shared:
+            shared[key] = ResidentBatches(self.store, rows, size, self.info.device, batch)
+        return shared[key].view(batch, **options)
 
     def _loader(self, ds: SliceDataset, batch: int, sampler: Any, drop_last: bool) -> DataLoader:
         workers = self.cfg.num_workers
@@ -761,12 +794,18 @@ class _Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One pass over the train split; returns device sums ``[loss*n, Dice, n]`` and per-term loss sums."""
+        return drain(self.train_steps(epoch))
+
+    def train_steps(self, epoch: int) -> Generator[None, None, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """:meth:`train_epoch` as a generator that yields after every optimisation step, so that
+        :mod:`lggseg.concurrent` can interleave the steps of several variants; returns the sums."""
         self.sampler.set_epoch(epoch)
         self.train_net.train()
         sums = torch.zeros(3, device=self.info.device)
         parts_sum: dict[str, torch.Tensor] = {}
         steps = len(self.train_loader)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not self.info.is_main)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not (self.info.is_main and self.progress))
         scheduled = self.cfg.lr_schedule != "constant" or self.cfg.warmup_epochs > 0
         for step, b in enumerate(bar, 1):
             x, y, a = self._to_device(b)
@@ -781,8 +820,9 @@ class _Trainer:
             sums[2] += n
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() * n
-            if step % self.cfg.log_every == 0 or step == steps:  # the loop's only host syncs
+            if self.progress and (step % self.cfg.log_every == 0 or step == steps):  # the loop's only host syncs
                 bar.set_postfix(loss=f"{(sums[0] / sums[2]).item():.4f}")
+            yield
         return sums, parts_sum
 
     @torch.no_grad()
@@ -802,8 +842,14 @@ class _Trainer:
 
     def run_epoch(self, epoch: int, ckpt: Checkpoint, live: _Logger) -> float:
         """Train and validate epoch ``epoch``, commit the checkpoint; returns the epoch's wall seconds."""
+        return drain(self.epoch_steps(epoch, ckpt, live))
+
+    def epoch_steps(self, epoch: int, ckpt: Checkpoint, live: _Logger) -> Generator[None, None, float]:
+        """:meth:`run_epoch` as a generator: yields after each training step (validation, the epoch's
+        record and the checkpoint follow the last one without a yield). Its wall seconds run from
+        the first step to the end, including any other variant's work interleaved with them."""
         t0 = time.perf_counter()
-        sums, parts = self.train_epoch(epoch)
+        sums, parts = yield from self.train_steps(epoch)
         t_train = time.perf_counter() - t0
         if self.recal_loader is not None:
             recalibrate_batchnorm(self.model, ((x, a) for x, _, a in map(self._to_device, self.recal_loader)),
@@ -952,6 +998,97 @@ class _Trainer:
         save_model(self.model, self.out_dir, meta)
 
 
+def resume_point(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, resume: bool, info: DistInfo,
+                 setup: StepSetup) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """``(fingerprint, stored result, checkpoint state)`` of one seed's run in ``out_dir``.
+
+    A stored result of the same fingerprint means the run is done (returned as is); otherwise the
+    committed checkpoint to continue from, if any, and a stale checkpoint or result is removed.
+    """
+    fingerprint = run_fingerprint(run, seed, _store_fingerprint(store_dir), info.device.type, setup.bf16)
+    ckpt = Checkpoint(out_dir)
+    result_path = out_dir / RESULT_FILE
+    if resume and result_path.is_file() and (out_dir / "model.safetensors").is_file():
+        stored = json.loads(result_path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            _barrier(info)
+            if info.is_main:
+                ckpt.remove()  # left behind if the previous run died right after result.json
+            return fingerprint, stored, None
+    state = ckpt.load(fingerprint) if resume else None
+    _barrier(info)  # every rank has read the checkpoint before rank 0 may delete it
+    if info.is_main and state is None:
+        ckpt.remove()
+        result_path.unlink(missing_ok=True)
+    return fingerprint, None, state
+
+
+class Session:
+    """One seed's training from its first epoch (or checkpoint) to ``result.json``, in the pieces that
+    :func:`train_variant` runs one after another and :func:`lggseg.concurrent.train_variants` interleaves.
+
+    Create it under :func:`applied` of its ``setup``; it seeds every random stream itself.
+    ``progress=False`` replaces the progress bars by one log line per epoch (several sessions at once).
+    """
+
+    def __init__(self, run: RunConfig, store_dir: Path, out_dir: Path, seed: int, info: DistInfo, setup: StepSetup,
+                 fingerprint: str, state: dict[str, Any] | None, *, store: Any = None,
+                 shared: dict[tuple, Any] | None = None, progress: bool = True) -> None:
+        self.info, self.out_dir, self.progress = info, out_dir, progress
+        seed_everything(seed + info.rank)
+        self.trainer = trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint, setup, store=store,
+                                          shared=shared, progress=progress)
+        if state is not None:
+            trainer.restore(state)
+        params = {"variant": run.variant, "seed": seed, "encoder": run.model.encoder, "image_size": run.common.image_size,
+                  "epochs": run.train.epochs, "batch_size": run.train.batch_size, "lr": run.train.lr,
+                  "world_size": info.world_size, "device": info.device.type}
+        self.ckpt = Checkpoint(out_dir)
+        self.live = _Logger(out_dir, info.is_main, params, trainer.history)
+        self.bar = tqdm(desc=trainer.label, unit="epoch", initial=trainer.epoch, total=trainer.planned_epochs,
+                        disable=not (info.is_main and progress))
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.epoch >= self.trainer.planned_epochs
+
+    def run_epoch(self) -> None:
+        """The next epoch, uninterrupted."""
+        self.trainer.run_epoch(self.trainer.epoch, self.ckpt, self.live)
+        self._epoch_done()
+
+    def steps(self) -> Iterator[None]:
+        """Every remaining epoch as a generator that yields after each training step."""
+        while not self.done:
+            yield from self.trainer.epoch_steps(self.trainer.epoch, self.ckpt, self.live)
+            self._epoch_done()
+
+    def _epoch_done(self) -> None:
+        t = self.trainer
+        self.bar.total = t.planned_epochs
+        self.bar.update(1)
+        self.bar.set_postfix(val_dice=f"{t.history[-1]['val/dice']:.4f}", best=f"{t.best_dice:.4f}")
+        if not self.progress and self.info.is_main:
+            log.info("%s: epoch %d/%d val/dice %.4f (best %.4f)", t.label, t.epoch, t.planned_epochs,
+                     t.history[-1]["val/dice"], t.best_dice)
+
+    def finish(self) -> dict[str, Any]:
+        """Keep the best weights, write the model and ``result.json``, drop the checkpoint; the result."""
+        trainer, info = self.trainer, self.info
+        self.bar.close()
+        if trainer.stop_reason != "completed" and info.is_main:
+            log.warning("%s: %s", trainer.label, trainer.stop_reason)
+        trainer.select_last_if_none()
+        result = trainer.result()
+        if info.is_main:
+            trainer.save_best(result)
+            write_json(self.out_dir / RESULT_FILE, result)  # the completion marker, after the model
+            self.ckpt.remove()
+            self.live.end()
+        _barrier(info)
+        return result
+
+
 def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, resume: bool = True) -> dict[str, Any]:
     """Train seed ``seed`` of ``run`` on the manifest store ``store_dir`` into ``out_dir``.
 
@@ -962,52 +1099,15 @@ def train_variant(run: RunConfig, store_dir: Path, out_dir: Path, seed: int, res
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     info = init_distributed(run.common.device)
     setup = step_setup(run.train, info.device)
-    fingerprint = run_fingerprint(run, seed, _store_fingerprint(store_dir), info.device.type, setup.bf16)
-    ckpt = Checkpoint(out_dir)
-    result_path = out_dir / RESULT_FILE
-
-    if resume and result_path.is_file() and (out_dir / "model.safetensors").is_file():
-        stored = json.loads(result_path.read_text())
-        if stored.get("fingerprint") == fingerprint:
-            _barrier(info)
-            if info.is_main:
-                ckpt.remove()  # left behind if the previous run died right after result.json
-            return stored
-    state = ckpt.load(fingerprint) if resume else None
-    _barrier(info)  # every rank has read the checkpoint before rank 0 may delete it
-    if info.is_main and state is None:
-        ckpt.remove()
-        result_path.unlink(missing_ok=True)
-
+    fingerprint, stored, state = resume_point(run, store_dir, out_dir, seed, resume, info, setup)
+    if stored is not None:
+        return stored
     with applied(setup, info.device):
-        seed_everything(seed + info.rank)
-        trainer = _Trainer(run, store_dir, out_dir, seed, info, fingerprint, setup)
-        if state is not None:
-            trainer.restore(state)
-            del state
-        params = {"variant": run.variant, "seed": seed, "encoder": run.model.encoder, "image_size": run.common.image_size,
-                  "epochs": run.train.epochs, "batch_size": run.train.batch_size, "lr": run.train.lr,
-                  "world_size": info.world_size, "device": info.device.type}
-        live = _Logger(out_dir, info.is_main, params, trainer.history)
-        bar = tqdm(desc=trainer.label, unit="epoch", initial=trainer.epoch, total=trainer.planned_epochs,
-                   disable=not info.is_main)
-        while trainer.epoch < trainer.planned_epochs:
-            trainer.run_epoch(trainer.epoch, ckpt, live)
-            bar.total = trainer.planned_epochs
-            bar.update(1)
-            bar.set_postfix(val_dice=f"{trainer.history[-1]['val/dice']:.4f}", best=f"{trainer.best_dice:.4f}")
-        bar.close()
-        if trainer.stop_reason != "completed" and info.is_main:
-            log.warning("%s: %s", trainer.label, trainer.stop_reason)
-        trainer.select_last_if_none()
-        result = trainer.result()
-        if info.is_main:
-            trainer.save_best(result)
-            write_json(result_path, result)  # the completion marker, after the model
-            ckpt.remove()
-            live.end()
-        _barrier(info)
-    return result
+        session = Session(run, store_dir, out_dir, seed, info, setup, fingerprint, state)
+        del state
+        while not session.done:
+            session.run_epoch()
+        return session.finish()
 
 
 def train_all_seeds(run: RunConfig, store_dir: Path, models_dir: Path, resume: bool = True) -> dict[str, Any]:

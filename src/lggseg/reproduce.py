@@ -1,0 +1,433 @@
+"""``lggseg reproduce``: a raw ``kaggle_3m`` folder to test metrics of several variants in one command,
+into one small folder (issue #11, part 6); ``lggseg report DIR`` builds the tables from that folder.
+
+For a GPU lent for minutes, or anyone without DVC: the pipeline's steps with the pipeline's own
+functions, not a second pipeline. ``params.yaml`` with an ``--overrides`` YAML merged over it and the
+command-line settings (``--epochs``, ``--image-size``, ``--max-minutes``, ``--device``) is validated
+whole (every variant asked for, through the config dataclasses) before any work; then
+
+1. the manifest store, built by :func:`lggseg.manifest.build_manifest` (the ``manifest`` stage's
+   function) in a work folder outside ``DIR`` (``--work``; a temporary folder by default);
+2. every seed of every variant trained at once by :func:`lggseg.concurrent.train_variants`, the
+   variants' steps in turns, sharing the store and the device-resident data (``train.max_minutes``
+   is one budget for all, see there);
+3. as soon as all seeds of a variant have finished, its test evaluation by
+   :func:`lggseg.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
+   rewritten with that variant's results added.
+
+``DIR`` holds the :data:`FILES` below, seven files whatever the number of variants, each written
+atomically (files shared by several variants gain a ``variant`` column or key):
+
+* ``params.yaml``: the merged parameters, ``variants`` reduced to those asked for;
+* ``metrics.json``: ``{variant: metrics}``, each exactly the ``metrics/<variant>.json`` of the
+  evaluate stage (with its ``provenance`` block);
+* ``slices.csv``: the evaluate stage's per-slice rows of every variant (raw and post-processed);
+* ``figure_slices.npz``: the inputs of Figures 7-8: the evaluate stage's ``ids``, ``rows``, ``image``,
+  ``truth``, ``threshold``, ``min_area``, ``selection`` (the same for every variant: the same store and
+  evaluation settings) and ``prob__<variant>``, ``prob_seed__<variant>`` per variant (compressed);
+* ``training.csv``: one row per variant, seed and epoch: the training history of ``result.json``;
+* ``environment.json``: device and GPU name, torch/CUDA/cuDNN and library versions, git commit, the
+  command, image size, the data (raw folder, source, fingerprint, the manifest summary that the stage
+  writes to ``metrics/data.json``), wall times, and per variant and seed the epochs done and why
+  training stopped, wall time and images/s; the images/s of all variants together;
+* ``components.csv``: the store's ground-truth components (the report's dataset section).
+
+``lggseg report DIR`` (:func:`build_folder_report`, :func:`lggseg.report.main`) then writes ``DIR/tables.md`` and the figures in
+``DIR/plots/`` through :func:`lggseg.report.write_report`, the function the report stage ends in;
+Figures 7 and 8 are drawn when the variants they compare are in the folder.
+
+Bad input (a missing raw folder, an unknown variant, a bad override) is one line on stderr and exit
+status 2, before any work. A variant whose training fails does not stop the others; it is recorded
+in ``environment.json`` and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lggseg.config import ConfigError, RunConfig, deep_merge, load_section, read_params, validate_all
+from lggseg.errors import USER_ERRORS, DataError
+from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "params": "params.yaml",
+    "metrics": "metrics.json",
+    "slices": "slices.csv",
+    "figures": "figure_slices.npz",
+    "training": "training.csv",
+    "environment": "environment.json",
+    "components": "components.csv",
+}
+"""What ``lggseg reproduce`` writes into its output folder (kind -> file name)."""
+
+_SHARED_FIGURE_KEYS = ("ids", "rows", "image", "truth", "threshold", "min_area", "selection")
+_PER_VARIANT = ("prob", "prob_seed")
+_SEP = "__"  # prob__<variant>: variant names are identifiers
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def effective_params(params: Mapping[str, Any], variants: Sequence[str], overrides: Mapping[str, Any] | None = None,
+                     *, epochs: int | None = None, image_size: int | None = None, max_minutes: float | None = None,
+                     device: str | None = None) -> tuple[dict[str, Any], dict[str, RunConfig]]:
+    """``params`` with ``overrides`` and the command-line settings merged over it, ``variants`` reduced
+    to ``variants`` (in that order); validated whole. Returns the merged params and the resolved runs."""
+    if not variants:
+        raise ConfigError("--variants: name at least one variant")
+    merged = deep_merge(params, overrides or {})
+    known = merged.get("variants") or {}
+    if not isinstance(known, Mapping):
+        raise ConfigError("params: 'variants' must be a mapping of variant name -> overrides")
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if len(set(variants)) < len(variants):
+        raise ConfigError(f"--variants names a variant twice: {', '.join(variants)}")
+    cli: dict[str, Any] = {}
+    if epochs is not None:
+        cli.setdefault("train", {})["epochs"] = epochs
+    if max_minutes is not None:
+        cli.setdefault("train", {})["max_minutes"] = max_minutes
+    if image_size is not None:
+        cli.setdefault("common", {})["image_size"] = image_size
+    if device is not None:
+        cli.setdefault("common", {})["device"] = device
+    merged = deep_merge(merged, cli)
+    merged["variants"] = {v: known[v] for v in variants}
+    # a variant's own train section wins over the global one; the command line must win over both
+    for v in variants:
+        own = merged["variants"][v] or {}
+        if isinstance(own, Mapping) and isinstance(own.get("train"), Mapping) and "train" in cli:
+            merged["variants"][v] = deep_merge(own, {"train": cli["train"]})
+    runs = validate_all(merged)
+    return merged, runs
+
+
+def read_overrides(path: str | Path | None) -> dict[str, Any]:
+    """The ``--overrides`` YAML (a mapping of params sections), or nothing."""
+    return {} if path is None else read_params(path)
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def data_source(raw: Path, store_meta: Mapping[str, Any]) -> str:
+    """kaggle | demo | local: the fetch stage's record if it wrote one, else the demo's README, else local."""
+    if store_meta.get("source"):
+        return str(store_meta["source"])
+    try:
+        readme = (raw / "README.txt").read_text(errors="replace")
+    except OSError:
+        readme = ""
+    return "demo" if readme.startswith("SYNTHETIC DEMO DATA") else "local"
+
+
+class Folder:
+    """The output folder, rewritten (file by file, atomically) each time a variant is added."""
+
+    def __init__(self, out: Path, params: Mapping[str, Any], environment: dict[str, Any]) -> None:
+        self.out = out
+        self.environment = environment
+        self.metrics: dict[str, Any] = {}
+        self.slices: list[pd.DataFrame] = []
+        self.training: list[pd.DataFrame] = []
+        self.figures: dict[str, np.ndarray] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        stray = sorted(p.name for p in out.iterdir() if p.name not in FILES.values())
+        if stray:
+            log.warning("%s already holds %s; they are left as they are", out, ", ".join(stray[:5]))
+        write_yaml(out / FILES["params"], dict(params))
+        self.write_environment()
+
+    def write_environment(self) -> None:
+        write_json(self.out / FILES["environment"], self.environment)
+
+    def add_components(self, store_dir: Path) -> None:
+        write_bytes(self.out / FILES["components"], (store_dir / "components.csv").read_bytes())
+
+    def add_variant(self, variant: str, metrics: dict[str, Any], slices: pd.DataFrame,
+                    figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]]) -> None:
+        self.metrics[variant] = metrics
+        self.slices.append(slices.assign(variant=variant)[["variant", *slices.columns]])
+        rows = [{"variant": variant, "seed": r["seed"], **row} for r in results for row in r["history"]]
+        self.training.append(pd.DataFrame(rows))
+        for key in _SHARED_FIGURE_KEYS:
+            self.figures.setdefault(key, np.asarray(figures[key]))
+        for key in _PER_VARIANT:
+            self.figures[f"{key}{_SEP}{variant}"] = np.asarray(figures[key])
+        write_json(self.out / FILES["metrics"], self.metrics)
+        write_csv(self.out / FILES["slices"], pd.concat(self.slices, ignore_index=True))
+        write_csv(self.out / FILES["training"], pd.concat(self.training, ignore_index=True))
+        with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **self.figures)
+        self.write_environment()
+
+
+def _variant_record(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("epochs", "epochs_planned", "epochs_done", "stop_reason", "max_minutes", "best_epoch", "best_val_dice",
+            "wall_seconds", "train_seconds", "seconds_per_epoch", "images_per_second", "data_path")
+    return {str(r["seed"]): {k: r.get(k) for k in keys} for r in results}
+
+
+def _device_record(device: Any) -> dict[str, Any]:
+    import torch
+
+    from lggseg.hardware import cpu_name, software_versions
+
+    record: dict[str, Any] = {"type": device.type, "cpu": cpu_name(), "software": software_versions()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        record.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                      capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                      cudnn=torch.backends.cudnn.version())
+    else:
+        record["name"] = record["cpu"]
+    return record
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig],
+              work: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+    """Manifest, training of ``runs`` at once, evaluation, the folder ``out``; returns ``environment.json``.
+
+    ``params`` and ``runs`` come from :func:`effective_params`. ``work`` holds the store and the models
+    (kept, so a rerun resumes the training); None: a temporary folder, removed at the end.
+    """
+    raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise DataError(f"--raw {raw}: no such folder (expected a kaggle_3m folder: case folders and data.csv)")
+    temp = work is None
+    work = Path(tempfile.mkdtemp(prefix="lggseg-reproduce-")) if temp else Path(work)
+    if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents:
+        raise ConfigError(f"--work {work} must lie outside --out {out}: the output folder keeps to its 7 files")
+    try:
+        return _reproduce(raw, out, params, runs, work, command)
+    finally:
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig], work: Path,
+               command: str | None) -> dict[str, Any]:
+    from lggseg.concurrent import train_variants
+    from lggseg.evaluate import evaluate_model
+    from lggseg.hardware import git_commit, resolve_device
+    from lggseg.manifest import build_manifest, load_store
+
+    t_start = time.perf_counter()
+    common, manifest_cfg = load_section("common", params), load_section("manifest", params)
+    evaluate_cfg, post = load_section("evaluate", params), load_section("postprocess", params)
+    device = resolve_device(common.device)
+    names = list(runs)
+    env: dict[str, Any] = {
+        "command": command, "started": _now(), "finished": None, "git_commit": git_commit(),
+        "device": _device_record(device), "image_size": common.image_size,
+        "epochs": {v: r.train.epochs for v, r in runs.items()},
+        "max_minutes": {v: r.train.max_minutes for v, r in runs.items()},
+        "variants": {v: {"status": "pending"} for v in names},
+    }
+    folder = Folder(out, params, env)
+
+    store_dir = work / "manifest"
+    t0 = time.perf_counter()
+    summary = build_manifest(raw, store_dir, common, manifest_cfg, small_side=evaluate_cfg.noise_side)
+    store = load_store(store_dir)
+    env["data"] = {"raw": str(raw), "source": data_source(raw, store.meta), "fingerprint": store.meta.get("fingerprint"),
+                   "summary": summary}
+    env["seconds"] = {"manifest": round(time.perf_counter() - t0, 2)}
+    folder.add_components(store_dir)
+    folder.write_environment()
+
+    jobs = [(v, s) for v in names for s in runs[v].seeds]
+    pending = {v: len(runs[v].seeds) for v in names}
+    trained: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
+    evaluation_s = 0.0
+
+    def on_result(k: int, result: dict[str, Any]) -> None:
+        nonlocal evaluation_s
+        v = jobs[k][0]
+        trained[v].append(result)
+        pending[v] -= 1
+        if pending[v] or env["variants"][v]["status"] == "failed":
+            return
+        t = time.perf_counter()
+        try:
+            evaluation = evaluate_model(work / "models" / v, store, evaluate_cfg, post, device)
+        except Exception as exc:  # noqa: BLE001 - recorded for this variant; the others go on training
+            on_error(jobs.index((v, runs[v].seeds[0])), exc)
+            return
+        finally:
+            evaluation_s += time.perf_counter() - t
+        results = sorted(trained[v], key=lambda r: r["seed"])
+        env["variants"][v] = {"status": "done", "evaluation_seconds": round(time.perf_counter() - t, 2),
+                              "dice_slice_mean": evaluation.metrics["dice_slice_mean"], "seeds": _variant_record(results)}
+        folder.add_variant(v, evaluation.metrics, evaluation.slices, evaluation.figures, results)
+        log.info("%s: test Dice slice mean %.4f -> %s", v, evaluation.metrics["dice_slice_mean"], out)
+
+    def on_error(k: int, exc: BaseException) -> None:
+        v, seed = jobs[k]
+        env["variants"][v] = {"status": "failed", "error": f"seed {seed}: {' '.join(str(exc).split())}"}
+        folder.write_environment()
+
+    t0 = time.perf_counter()
+    train_variants([runs[v] for v, _ in jobs], store_dir, [work / "models" / v / f"seed_{s}" for v, s in jobs],
+                   [s for _, s in jobs], on_result=on_result, on_error=on_error)
+    wall = time.perf_counter() - t0
+    # a run's images: its img/s times its training seconds (result.json keeps the rate, not the count)
+    images = sum((r.get("images_per_second") or 0) * (r.get("train_seconds") or 0) for rs in trained.values() for r in rs)
+    env["seconds"].update(training_and_evaluation=round(wall, 2), evaluation=round(evaluation_s, 2),
+                          total=round(time.perf_counter() - t_start, 2))
+    # all variants' training images over the training wall time (their evaluations, which ran in
+    # between, taken out): the device's throughput with the variants in turns
+    train_wall = wall - evaluation_s
+    env["images_per_second_all_variants"] = round(images / train_wall, 2) if train_wall > 0 and images else None
+    env["seconds"]["training"] = round(train_wall, 2)
+    env["finished"] = _now()
+    folder.write_environment()
+    return env
+
+
+# --------------------------------------------------------------------------- the report of a folder
+
+
+def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
+    """``{variant: FigureSlices}`` of the variants in ``figure_slices.npz`` among ``variants``."""
+    from lggseg.report import check_figure_slices
+
+    if not path.is_file():
+        raise DataError(f"{path}: figure slices not found (written by lggseg reproduce)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file: {exc}") from None
+    missing = [k for k in ("ids", "image", "truth") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {missing}; has {sorted(arrays)}")
+    return {v: check_figure_slices(arrays["ids"], arrays["image"], arrays["truth"], arrays[f"prob{_SEP}{v}"], path)
+            for v in variants if f"prob{_SEP}{v}" in arrays}
+
+
+def build_folder_report(folder: str | Path, tables: str | Path | None = None, plots: str | Path | None = None) -> Path:
+    """``tables.md`` (default ``folder/tables.md``) and the figures (default ``folder/plots/``) of a
+    ``lggseg reproduce`` folder, by :func:`lggseg.report.write_report`; returns the tables' path."""
+    from lggseg.config import resolve_variant
+    from lggseg.report import (
+        DataSource,
+        ReportSources,
+        Result,
+        check_metrics,
+        figure7_variants,
+        figure8_variants,
+        load_components,
+    )
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (written by lggseg reproduce)")
+    tables = Path(tables) if tables is not None else folder / "tables.md"
+    plots = Path(plots) if plots is not None else folder / "plots"
+    params = read_params(folder / FILES["params"])
+    metrics_path, env_path = folder / FILES["metrics"], folder / FILES["environment"]
+    for path in (metrics_path, env_path):
+        if not path.is_file():
+            raise DataError(f"{path}: not found (written by lggseg reproduce once a variant has finished)")
+    try:
+        metrics, env = json.loads(metrics_path.read_text()), json.loads(env_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{metrics_path} or {env_path}: not valid JSON: {exc}") from None
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise DataError(f"{metrics_path}: holds no variant's metrics")
+    results = [Result(v, resolve_variant(params, v), check_metrics(m, f"{metrics_path}[{v}]")) for v, m in metrics.items()]
+    data = env.get("data") or {}
+    fp = (data.get("fingerprint") or {}).get("sha256")
+    source = DataSource(str(data.get("source") or "unknown"),
+                        f"`{env_path.as_posix()}`: raw={data.get('raw')}, fingerprint={fp[:12] + '...' if fp else None}")
+    components = load_components(folder / FILES["components"])
+    slices = load_folder_figures(folder / FILES["figures"], [r.name for r in results])
+    missing: dict[str, str] = {}
+    figs: dict[str, Any] = {}
+    for key, pick in (("figure7", figure7_variants), ("figure8", figure8_variants)):
+        try:
+            figs[key] = pick(results)
+        except ConfigError as exc:
+            figs[key], missing[key] = None, str(exc).removeprefix("report: ")
+    where = ReportSources(folder / FILES["figures"], folder / FILES["components"], env_path, data.get("summary"),
+                          figure9=False)
+    from lggseg.report import write_report
+
+    write_report(params, results, source, components, slices, tables, plots, where=where, fig7=figs["figure7"],
+                 fig8=figs["figure8"], missing=missing)
+    return tables
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: str = "lggseg reproduce") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("--raw", required=True, type=Path, help="a kaggle_3m folder (case folders and data.csv)")
+    ap.add_argument("--variants", required=True, help="comma-separated variant names of the params file")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (at most 8 files)")
+    ap.add_argument("--params", default="params.yaml", type=Path)
+    ap.add_argument("--overrides", type=Path, help="YAML of params sections merged over the params file")
+    ap.add_argument("--epochs", type=int, help="train.epochs of every variant")
+    ap.add_argument("--image-size", type=int, help="common.image_size")
+    ap.add_argument("--max-minutes", type=float, help="train.max_minutes: one training budget for all variants")
+    ap.add_argument("--device", help="common.device: auto | cpu | cuda")
+    ap.add_argument("--work", type=Path, help="folder for the store and the models, kept (default: a temporary one)")
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "lggseg reproduce") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("lggseg").setLevel(logging.INFO)
+    try:
+        if not args.raw.is_dir():
+            raise DataError(f"--raw {args.raw}: no such folder (expected a kaggle_3m folder: case folders and data.csv)")
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        params, runs = effective_params(read_params(args.params), variants, read_overrides(args.overrides),
+                                        epochs=args.epochs, image_size=args.image_size, max_minutes=args.max_minutes,
+                                        device=args.device)
+        env = reproduce(args.raw, args.out, params, runs, args.work, command=shlex.join([prog, *argv]))
+    except USER_ERRORS as exc:
+        print(f"reproduce: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    failed = {v: r["error"] for v, r in env["variants"].items() if r["status"] != "done"}
+    for v, r in env["variants"].items():
+        if r["status"] == "done":
+            epochs = ", ".join(f"{s['epochs_done']}/{s['epochs']} epochs" for s in r["seeds"].values())
+            print(f"{v}: test Dice slice mean {r['dice_slice_mean']:.4f} ({epochs})")
+    print(f"{args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
+    for v, error in failed.items():
+        print(f"reproduce: {v} failed: {error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
