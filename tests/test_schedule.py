@@ -73,15 +73,15 @@ class _Clock:
 def fake_epochs(monkeypatch):
     """Make every epoch last exactly ``seconds`` on the trainer's clock; returns a setter."""
     clock = _Clock(0.0)
-    real_train_epoch = train_mod._Trainer.train_epoch
+    real_train_steps = train_mod._Trainer.train_steps
 
-    def train_epoch(self, epoch):
-        out = real_train_epoch(self, epoch)
+    def train_steps(self, epoch):  # an epoch's steps are a generator (lggseg.concurrent interleaves them)
+        out = yield from real_train_steps(self, epoch)
         clock.t += clock.epoch_seconds
         return out
 
     monkeypatch.setattr(train_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(train_mod._Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
 
     def set_seconds(seconds: float) -> None:
         clock.epoch_seconds = seconds
@@ -113,14 +113,14 @@ def test_a_slowdown_after_the_plan_stops_before_overrunning(store_dir, tmp_path,
     """First epoch 30 s (plan: 4 of 6 in 2 min), then the machine gets busy: epoch 2 takes 60 s, so a
     third (judged at 60 s) would end at 150 s > 120 s: training stops after 2."""
     times = iter([30.0, 60.0, 60.0, 60.0])
-    real = train_mod._Trainer.train_epoch
+    real = train_mod._Trainer.train_steps
 
-    def train_epoch(self, epoch):
-        out = real(self, epoch)
+    def train_steps(self, epoch):
+        out = yield from real(self, epoch)
         train_mod.time.perf_counter.t += next(times)
         return out
 
-    monkeypatch.setattr(train_mod._Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
     result = train_variant(tiny_run(epochs=6, max_minutes=2), store_dir, tmp_path / "seed", SEED)
     assert result["epochs_done"] == 2
     assert "reached after 2 of 6" in result["stop_reason"]
