@@ -118,3 +118,22 @@ def test_bad_combinations_are_config_errors(store_dir, tmp_path):
         train_variants([run, other], store_dir, [tmp_path / "x", tmp_path / "y"], SEED)
     with pytest.raises(ValueError, match="2 runs, 1 output"):
         train_variants([run, run], store_dir, [tmp_path / "x"], SEED)
+
+
+def test_a_view_shares_the_device_tensors_and_batches_like_its_own_copy(store_dir):
+    from lggseg.config import AugmentConfig
+    from lggseg.manifest import load_store
+    from lggseg.resident import ResidentBatches
+
+    store = load_store(store_dir)
+    rows = store.indices("train")
+    base = ResidentBatches(store, rows, 32, CPU, 8)
+    options = {"augment": AugmentConfig(extra=True), "seed": 3, "shuffle": True, "drop_last": True}
+    view, own = base.view(4, **options), ResidentBatches(store, rows, 32, CPU, 4, **options)
+    assert view.images is base.images and view.masks is base.masks and len(view) == len(own) != len(base)
+    for epoch in (0, 1):
+        view.set_epoch(epoch)
+        own.set_epoch(epoch)
+        for a, b in zip(view, own, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert base.batch_size == 8 and base.augment is None and not base.shuffle  # the original is untouched

@@ -38,6 +38,7 @@ not stop the others. Optional CUDA-graph capture of the step is not implemented.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -201,6 +202,11 @@ def train_variants(
                     active.remove(lane)
                     lane.session = lane.steps = None  # its model and optimiser can go before the next turn
                     finished(lane.index, result)
+                    if device.type == "cuda":
+                        # the caching allocator reuses a freed block only on the stream it was used on: hand
+                        # the finished run's memory (and that of on_result's work) back for the others
+                        gc.collect()
+                        torch.cuda.empty_cache()
         log.info("%d run(s) trained in %.1f s", len(lanes), time.perf_counter() - t0)
     finally:
         outer.restore(device)
