@@ -15,7 +15,7 @@ from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
-    delegate(__file__, argv)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
+    delegate(__file__)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--variant", required=True)

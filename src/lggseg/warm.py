@@ -100,7 +100,7 @@ def _recv(sock: socket.socket, fds: list[int] | None = None) -> object:
 # --------------------------------------------------------------------------- client
 
 
-def delegate(script: str | Path, argv: Sequence[str] | None = None) -> None:
+def delegate(script: str | Path) -> None:
     """Run this stage script in a warm child and exit with its status, if a matching server is offered.
 
     Call it first thing in a stage script's ``main`` (before its heavy imports). Returns without doing
@@ -116,7 +116,7 @@ def delegate(script: str | Path, argv: Sequence[str] | None = None) -> None:
             return  # main() called from elsewhere (a test, another module): stay in this process
     except (OSError, IndexError):
         return
-    code = run_warm(path, str(Path(script).resolve()), list(sys.argv[1:] if argv is None else argv))
+    code = run_warm(path, str(Path(script).resolve()), sys.argv[1:])
     if code is not None:
         sys.stdout.flush()
         sys.stderr.flush()
