@@ -10,7 +10,7 @@ import logging
 import sys
 
 from lggseg.config import load_section, read_params
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.warm import delegate
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         device = load_section("common", params).device
         result = evaluate_model(args.models, args.data, cfg, post, device)
         write_evaluation(result, args.metrics, args.rows)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"evaluate@{args.variant}: {exc}", file=sys.stderr)
         return 2
     m = result.metrics

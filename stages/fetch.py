@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lggseg.config import load_section
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.fetch import fetch
 from lggseg.io import write_json
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fp = fetch(load_section("fetch", args.params), args.out)
         write_json(args.fingerprint, fp)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"fetch: {exc}", file=sys.stderr)
         return 2
     print(f"{args.out / 'kaggle_3m'}: {fp['n_files']} files, {fp['total_bytes']} bytes, sha256 {fp['sha256'][:12]}")

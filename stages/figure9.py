@@ -9,8 +9,7 @@ import argparse
 import sys
 
 from lggseg.config import load_section
-from lggseg.errors import USER_ERRORS
-from lggseg.io import OutputError
+from lggseg.errors import LggsegError
 from lggseg.warm import delegate
 
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_section("loss", args.params)
         run_figure9(cfg, args.plot, args.study, args.study_plot)
-    except (*USER_ERRORS, OutputError) as exc:
+    except LggsegError as exc:
         print(f"figure9: {exc}", file=sys.stderr)
         return 2
     return 0

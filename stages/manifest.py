@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lggseg.config import load_section, read_params
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.io import write_json
 from lggseg.manifest import build_manifest
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         side = load_section("evaluate", params).noise_side
         summary = build_manifest(args.raw, args.out, common, cfg, small_side=side)
         write_json(args.summary, summary)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"manifest: {exc}", file=sys.stderr)
         return 2
     splits = ", ".join(f"{k} {v['slices']}" for k, v in summary["splits"].items())

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lggseg.config import read_params
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.warm import delegate
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         build_report(read_params(args.params), args.metrics, args.eval, args.manifest, args.tables, args.plots)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lggseg.config import ConfigError, load_run_config
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.warm import delegate
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = train_all_seeds(run, args.data, args.out, resume=args.resume)
         finally:
             shutdown_distributed()
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"train {args.variant}: {exc}", file=sys.stderr)
         return 2
     print(f"{args.variant}: best val Dice {summary['best_val_dice_mean']:.4f} over seeds {summary['seeds']}")

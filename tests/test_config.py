@@ -115,3 +115,33 @@ def test_read_params_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_params(tmp_path / "bad.yaml")
+
+
+# --------------------------------------------------------------------------- defaults = params.yaml (issue #12)
+
+
+def test_dataclass_defaults_equal_params_yaml():
+    """Each section's dataclass defaults are params.yaml's values, and params.yaml names every key."""
+    import dataclasses
+
+    from lggseg.config import SECTIONS, load_section, read_params
+
+    params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    for name, cls in SECTIONS.items():
+        assert set(params[name]) == {f.name for f in dataclasses.fields(cls)}, name
+        assert load_section(name, params) == cls(), name
+
+
+def test_the_papers_seven_is_loss_i_and_the_rest_derives_from_it():
+    from lggseg.config import EvaluateConfig, LossConfig, PostprocessConfig, load_section, read_params
+
+    params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params["postprocess"]["min_area"] is None and params["evaluate"]["noise_side"] is None
+    assert LossConfig().i == 7 and PostprocessConfig().min_area == 49 and EvaluateConfig().noise_side == 7
+    nine = {**params, "loss": {**params["loss"], "i": 9, "j": 23}}
+    assert load_section("postprocess", nine).min_area == 81 and load_section("evaluate", nine).noise_side == 9
+    explicit = {**nine, "postprocess": {"min_area": 49}}  # an explicit value wins (params.laptop.yaml)
+    assert load_section("postprocess", explicit).min_area == 49
+    for text in ("plotting.py", "report.py", "evaluate.py"):  # no restated 7 or 49 in the code that uses them
+        src = next((Path(__file__).resolve().parents[1] / "src" / "lggseg").rglob(text)).read_text()
+        assert "SMALL_SIDE" not in src and "= 49" not in src, text

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lggseg.config import deep_merge, load_run_config, read_params, resolve_variant
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from configure import canonical  # noqa: E402
+from lggseg.config import canonical, deep_merge, load_run_config, read_params, resolve_variant
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "configure.py"

@@ -27,7 +27,25 @@ def test_train_evaluate_and_bench_share_one_implementation():
     import lggseg.train as T
 
     assert T.resolve_device is H.resolve_device and E.resolve_device is H.resolve_device
-    assert B.resolve_device("cpu") == torch.device("cpu")
+    assert B.resolve_device is H.resolve_device
+
+
+def test_there_is_one_resolve_device_in_the_package():
+    """No module defines a device rule of its own (issue #12): one ``def resolve_device`` in the package."""
+    from pathlib import Path
+
+    src = Path(H.__file__).resolve().parent
+    found = [p for p in src.rglob("*.py") if "def resolve_device(" in p.read_text()]
+    assert found == [Path(H.__file__).resolve()]
+
+
+def test_indexed_cuda_gets_the_current_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert H.resolve_device("cuda", indexed=True) == torch.device("cuda", 0)
+    assert H.resolve_device("cpu", indexed=True) == torch.device("cpu")
+    assert H.resolve_device(torch.device("cuda"), indexed=True) == torch.device("cuda", 0)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

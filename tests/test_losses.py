@@ -39,7 +39,7 @@ def square(size: int, top: int, left: int, side: int, value: float = 1.0, fill: 
 
 
 def cfg_of(**kw) -> LossConfig:
-    base = {"terms": ("outlier",)}
+    base = {"terms": ("outlier",), "gamma_warmup_epochs": 0, "gamma_ramp_epochs": 0}
     base.update(kw)
     return LossConfig(**base)
 
@@ -364,7 +364,7 @@ def test_isolated_bce_without_isolated_pixels_is_zero_with_a_graph():
     "terms", [("bce",), ("dice",), ("outlier",), ("bce", "dice"), ("bce", "dice", "outlier")]
 )
 def test_compound_loss_terms_and_weights(terms):
-    cfg = LossConfig(terms=terms, alpha=0.5, beta=2.0, gamma=3.0)
+    cfg = LossConfig(terms=terms, alpha=0.5, beta=2.0, gamma=3.0, gamma_warmup_epochs=0, gamma_ramp_epochs=0)
     target = square(32, 2, 2, 12)
     logits = (square(32, 2, 2, 12) + square(32, 22, 22, 4)) * 6 - 3
     total, parts = CompoundLoss(cfg)(logits, target)
@@ -415,7 +415,7 @@ _MODES = [
 @pytest.mark.parametrize(("logit", "y"), [(-30.0, 0.0), (30.0, 1.0), (-30.0, 1.0), (30.0, 0.0), (0.0, 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_no_nan_on_constant_inputs(mode, smooth, logit, y, reduction):
-    cfg = LossConfig(terms=("bce", "dice", "outlier"), smooth=smooth, reduction=reduction, **mode)
+    cfg = LossConfig(terms=("bce", "dice", "outlier"), gamma_warmup_epochs=0, gamma_ramp_epochs=0, smooth=smooth, reduction=reduction, **mode)
     logits = torch.full((2, 1, 32, 32), logit, requires_grad=True)
     total, parts = CompoundLoss(cfg)(logits, torch.full((2, 1, 32, 32), y))
     total.backward()
@@ -428,14 +428,14 @@ def test_gradients_finite_on_random_logits(mode):
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(2, 1, 48, 48, generator=gen) * 5).requires_grad_(True)
     target = (torch.rand(2, 1, 48, 48, generator=gen) > 0.7).float()
-    total, _ = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier"), **mode))(logits, target)
+    total, _ = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier"), gamma_warmup_epochs=0, gamma_ramp_epochs=0, **mode))(logits, target)
     total.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
 def test_half_precision_logits_are_computed_in_float32():
     logits = (square(32, 22, 22, 4) * 6 - 3).half()
-    total, _ = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier")))(logits, torch.zeros(1, 1, 32, 32))
+    total, _ = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier"), gamma_warmup_epochs=0, gamma_ramp_epochs=0))(logits, torch.zeros(1, 1, 32, 32))
     assert total.dtype == torch.float32
 
 
@@ -447,7 +447,7 @@ def test_cuda_matches_cpu(mode):
     logits[..., 40:44, 40:44] = 5.0
     target = (torch.rand(2, 1, 64, 64, generator=gen) > 0.8).float()
     assert torch.allclose(box_sum(logits.cuda(), 21).cpu(), box_sum(logits, 21), atol=1e-4)
-    loss = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier"), **mode))
+    loss = CompoundLoss(LossConfig(terms=("bce", "dice", "outlier"), gamma_warmup_epochs=0, gamma_ramp_epochs=0, **mode))
     results = []
     for device in ("cpu", "cuda"):
         lg = logits.to(device).requires_grad_(True)

@@ -197,7 +197,7 @@ def test_build_errors() -> None:
     with pytest.raises(ModelError, match="not a timm model"):
         _build(encoder="no_such_net_123")
     with pytest.raises(ModelError, match="at least 1"):
-        build_model(ModelConfig(), 0, SIZE)
+        build_model(ModelConfig(pretrained=False), 0, SIZE)
     with pytest.raises(ModelError, match="pretrained is false"):
         _build(weights_file="/nonexistent/w.safetensors")
     with pytest.raises(ModelError, match="output_stride 16 only"):

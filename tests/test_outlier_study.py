@@ -22,7 +22,7 @@ from lggseg.outlier_study import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = LossConfig(terms=("bce", "dice", "outlier"), i=7, j=21)
+CFG = LossConfig(terms=("bce", "dice", "outlier"), i=7, j=21, gamma_warmup_epochs=0, gamma_ramp_epochs=0)
 
 
 @pytest.fixture(scope="module")

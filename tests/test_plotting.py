@@ -127,7 +127,7 @@ def test_figure_rejects_mismatched_slice_counts(tmp_path, slices):
 def test_component_sizes_and_dice_bars_are_written(tmp_path):
     areas = {"4-connected": np.array([3, 40, 60, 900, 5000]), "8-connected": np.array([40, 60, 900, 5000])}
     below = {"4-connected": "2 with area < 49 px", "8-connected": "1 with area < 49 px"}
-    _png_ok(plot_component_sizes(areas, below, tmp_path / "c.png"))
+    _png_ok(plot_component_sizes(areas, below, tmp_path / "c.png", side=7))
     bars = [
         DiceBar("a", 91.0, (90.0, 92.0), 89.0, (87.0, 90.5), paper=92.8),
         DiceBar("b", 85.0, None, 80.0, None),  # no CI, no paper row
@@ -139,4 +139,4 @@ def test_empty_inputs_are_errors(tmp_path):
     with pytest.raises(ValueError):
         plot_dice_by_variant([], tmp_path / "d.png")
     with pytest.raises(ValueError):
-        plot_component_sizes({}, {}, tmp_path / "c.png")
+        plot_component_sizes({}, {}, tmp_path / "c.png", side=7)

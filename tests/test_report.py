@@ -474,7 +474,7 @@ def test_component_counts_under_each_convention(tmp_path):
         "row": [0, 0, 1, 2, 2], "connectivity": [4, 4, 4, 8, 8], "area": [48, 49, 10, 6, 60],
         "height": [6, 7, 10, 6, 6], "width": [8, 7, 1, 1, 10],
     }).to_csv(tmp_path / "c.csv", index=False)
-    counts = component_counts(load_components(tmp_path / "c.csv"))
+    counts = component_counts(load_components(tmp_path / "c.csv"), 7)
     assert counts == {
         4: {"components": 3, "area_lt_side_sq": 2, "bbox_le_side": 1, "bbox_lt_side": 0, "slices_with_area_lt_side_sq": 2},
         8: {"components": 2, "area_lt_side_sq": 1, "bbox_le_side": 1, "bbox_lt_side": 1, "slices_with_area_lt_side_sq": 1},

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from lggseg.config import ConfigError, deep_merge, load_section, read_params, resolve_variant, variant_names
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.hardware import machine_record
 from lggseg.io import write_csv, write_json, write_text
 from lggseg.metrics import HEADLINE_KEYS
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         run_ablation(args.base, args.arms, args.variant, args.data, args.out)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"lggseg ablation: {exc}", file=sys.stderr)
         return 2
     return 0

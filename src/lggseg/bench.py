@@ -85,8 +85,8 @@ from lggseg.config import (
     load_section,
     read_params,
 )
-from lggseg.errors import USER_ERRORS, DataError
-from lggseg.hardware import cpu_bf16, cpu_name
+from lggseg.errors import DataError, LggsegError
+from lggseg.hardware import cpu_bf16, cpu_name, resolve_device
 from lggseg.io import write_json
 from lggseg.train import StepSetup, applied, step_setup, train_step
 
@@ -189,7 +189,7 @@ class BenchConfig:
 
     common: CommonConfig = field(default_factory=CommonConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=lambda: LossConfig(terms=ALL_TERMS))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(terms=ALL_TERMS, gamma_warmup_epochs=0, gamma_ramp_epochs=0))
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchParams = field(default_factory=BenchParams)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
@@ -798,16 +798,6 @@ def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the whole run
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto | cpu | cuda`` (or a device) -> a device; a CUDA device always gets its index."""
-    from lggseg.hardware import resolve_device as _resolve
-
-    device = _resolve(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _conditions(info: Mapping[str, Any], threads: int, image_size: int, batch_size: int) -> dict[str, Any]:
     return {"device": info["name"], "torch": info["torch"], "threads": threads,
             "image_size": image_size, "batch_size": batch_size}
@@ -834,7 +824,7 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
     """
     t_start = time.perf_counter()
     load_start = load_average()
-    dev = resolve_device(device)
+    dev = resolve_device(device, indexed=True)
     profile = cfg.bench.profile(dev)
     batch_size = profile.batch_size or cfg.train.batch_size
     size = cfg.common.image_size
@@ -1033,7 +1023,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg bench") -> int:
     try:
         cfg = config_from_args(args)
         entry = run_benchmark(cfg, args.out, args.device or cfg.common.device)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(entry)))

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lggseg.errors import USER_ERRORS, DataError
+from lggseg.errors import DataError, LggsegError
 from lggseg.report import FRACTION_KEYS, SCALAR_KEYS, _md_table, load_metrics, provenance_line
 
 COUNT_KEYS = frozenset({"n_test_slices", "n_test_patients"})
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = load_metrics(resolve_metrics(args.a, args.variant))
         b = load_metrics(resolve_metrics(args.b, args.variant))
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"lggseg compare: {exc}", file=sys.stderr)
         return 2
     if args.postprocessed:

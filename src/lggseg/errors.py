@@ -1,12 +1,25 @@
-"""Exception types that stage scripts and the CLI turn into one clear message and a non-zero exit."""
+"""The one root of the errors meant for a user: :class:`LggsegError`.
+
+Stage scripts and the ``lggseg`` commands catch ``LggsegError`` (nothing else) and turn it into one
+line on stderr and exit status 2. Every error that carries a message for the user derives from it:
+a bad parameter (:class:`ConfigError`), bad input data, a failed download, a bad model directory,
+training that cannot go on, and an output that cannot be written (:class:`OutputError`: full disk,
+permissions). This module imports nothing of the package, so every layer can raise these.
+"""
 
 from __future__ import annotations
-
-from lggseg.config import ConfigError
 
 
 class LggsegError(Exception):
     """Base of the errors that carry a message meant for the user."""
+
+
+class ConfigError(LggsegError, ValueError):
+    """A parameter makes no sense; raised before any work starts (also a ``ValueError``)."""
+
+
+class OutputError(LggsegError, OSError):
+    """An output could not be written (full disk, permissions, ...); also an ``OSError``."""
 
 
 class DataError(LggsegError):
@@ -23,6 +36,3 @@ class ModelError(LggsegError):
 
 class TrainingError(LggsegError):
     """Training cannot go on as configured (e.g. the loss diverged)."""
-
-
-USER_ERRORS = (LggsegError, ConfigError)

@@ -97,15 +97,23 @@ def cuda_unusable_reason() -> str:
             f"may be older than CUDA {build} needs, or the GPU is hidden (CUDA_VISIBLE_DEVICES)")
 
 
-def resolve_device(name: str | torch.device, local_rank: int | None = None) -> torch.device:
+def resolve_device(name: str | torch.device, local_rank: int | None = None, indexed: bool = False) -> torch.device:
     """``common.device`` (auto | cpu | cuda) -> a torch device; a device is returned as it is.
 
     ``auto`` takes CUDA when torch can use it, else the CPU, and logs the choice; when an NVIDIA GPU is
     present but unusable it warns with the reason. ``cuda`` without a usable GPU is a
-    :class:`ConfigError` naming the reason. ``local_rank`` picks the GPU of a torchrun process.
+    :class:`ConfigError` naming the reason. Any other name (``gpu``, ``cuda:0``, ...) is a
+    :class:`ConfigError` listing the three names, wherever it is read. ``local_rank`` picks the GPU of a
+    torchrun process; ``indexed`` gives a CUDA device its index (the current one when none is set), as the
+    benchmark's records need.
     """
-    if isinstance(name, torch.device):
-        return name
+    device = name if isinstance(name, torch.device) else _resolve_name(name, local_rank)
+    if indexed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_name(name: str, local_rank: int | None) -> torch.device:
     if name not in DEVICE_NAMES:
         raise ConfigError(f"device must be one of {', '.join(DEVICE_NAMES)}, got {name!r}")
     cuda = torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)

@@ -18,15 +18,15 @@ from typing import Any
 
 import yaml
 
+from lggseg.errors import (
+    OutputError as OutputError,  # re-exported; it lives in lggseg.errors (the one error root)
+)
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-class OutputError(OSError):
-    """An output could not be written (full disk, permissions, ...)."""
 
 
 @contextlib.contextmanager

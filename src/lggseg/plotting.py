@@ -28,7 +28,6 @@ from lggseg.metrics import components, dice
 
 TRUTH_RGB = (255, 0, 0)
 PRED_RGB = (0, 255, 0)
-SMALL_SIDE = 7  # paper section 4.1.3: regions smaller than 7x7 are probably segmentation noise
 FLAIR_CHANNEL = 1  # Kaggle slices are (pre-contrast, FLAIR, post-contrast) stored as RGB
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -230,13 +229,14 @@ def plot_component_sizes(
     areas: dict[str, np.ndarray],
     below: dict[str, str],
     dest: str | Path,
-    min_area: int = SMALL_SIDE * SMALL_SIDE,
+    side: int,
     note: str = "",
 ) -> Path:
     """Histogram of ground-truth component areas on a log axis, one step line per convention.
 
     ``areas`` maps a convention label (e.g. ``"8-connected"``) to its component areas in pixels;
-    ``below`` maps the same label to the legend text saying how many are smaller than 7x7.
+    ``below`` maps the same label to the legend text saying how many are smaller than ``side x side``
+    (``evaluate.noise_side``; the paper's 7x7, section 4.1.3).
     """
     if not areas:
         raise ValueError("no component areas to plot")
@@ -246,7 +246,8 @@ def plot_component_sizes(
     bins = np.logspace(0, np.log10(every.max()) + 0.05, 40)
     fig = Figure(figsize=(8.5, 5.0))
     ax = fig.subplots()
-    ax.axvspan(bins[0], min_area, color="0.85", zorder=0, label=f"smaller than 7x7 = {min_area} px")
+    min_area = side * side
+    ax.axvspan(bins[0], min_area, color="0.85", zorder=0, label=f"smaller than {side}x{side} = {min_area} px")
     for label, a in areas.items():
         ax.hist(np.asarray(a, float), bins=bins, histtype="step", lw=2, label=f"{label}: {len(a)} components:\n{below[label]}")
     ax.axvline(min_area, color="black", ls="--", lw=1.5)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from lggseg.config import ConfigError
 from lggseg.dataset import normalize_image, resize_pair
-from lggseg.errors import USER_ERRORS, DataError, ModelError
+from lggseg.errors import DataError, LggsegError, ModelError
 from lggseg.io import OutputError, atomic_dir
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -660,7 +660,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg predict") -> int:
             device=args.device, seed=args.seed, allow_missing_attributes=args.allow_missing_attributes,
         )
         slices = predict(args.model, args.input, args.output, args.attributes, opts)
-    except (*USER_ERRORS, OutputError) as exc:
+    except LggsegError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from lggseg.config import ConfigError, RunConfig, load_section, read_params, resolve_variant, variant_names
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 
 N_ATTRIBUTES = 16  # width of the synthetic attribute vector (the real one is ~30: one-hot clusters + position)
 NATIVE = (256, 256)  # evaluation upsamples to the stored slice size
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg preflight") -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
         device = resolve_device(args.device or load_section("common", params).device)
         outcomes = preflight(params, variants, device, args.image_size, args.batch_size, args.steps)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"preflight: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     failed = [o.variant for o in outcomes if o.error is not None]

@@ -39,14 +39,13 @@ from tqdm.auto import tqdm
 
 from lggseg import manifest, plotting
 from lggseg.config import ConfigError, RunConfig, load_section, resolve_variant, variant_names
-from lggseg.errors import USER_ERRORS, DataError
+from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_text
 from lggseg.metrics import SUMMARY_KEYS
 
 # --------------------------------------------------------------------------- paper numbers
 
 PAPER = "Wan et al. 2023"
-SMALL_AREA = plotting.SMALL_SIDE * plotting.SMALL_SIDE
 
 FIGURE_FILES = {
     "figure7": "figure7_loss_comparison.png",
@@ -286,8 +285,10 @@ def load_components(path: str | Path) -> pd.DataFrame:
     return table
 
 
-def component_counts(table: pd.DataFrame, side: int = plotting.SMALL_SIDE) -> dict[int, dict[str, int]]:
+def component_counts(table: pd.DataFrame, side: int) -> dict[int, dict[str, int]]:
     """``{connectivity: counts}`` of components smaller than ``side x side`` under each convention.
+
+    ``side`` is ``evaluate.noise_side`` (by default ``loss.i``, the paper's 7).
 
     The conventions (area, bounding box <= side, bounding box < side) are those of
     :func:`lggseg.manifest.small_component_counts`, the numbers ``metrics/data.json`` also reports.
@@ -296,7 +297,7 @@ def component_counts(table: pd.DataFrame, side: int = plotting.SMALL_SIDE) -> di
     return {conn: counts[f"conn{conn}"] for conn in (4, 8) if (table["connectivity"] == conn).any()}
 
 
-def _below_text(c: Mapping[str, int], side: int = plotting.SMALL_SIDE) -> str:
+def _below_text(c: Mapping[str, int], side: int) -> str:
     return (f"{c['area_lt_side_sq']} with area < {side * side} px, {c['bbox_le_side']} with bounding box <= {side}x{side}, "
             f"{c['bbox_lt_side']} with bounding box < {side}x{side}")
 
@@ -662,7 +663,7 @@ def _relative(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
 
-def _header_lines(source: DataSource, results: Sequence[Result]) -> list[str]:
+def _header_lines(source: DataSource, results: Sequence[Result], side: int) -> list[str]:
     lines = ["# Results: reproduction of Wan et al. 2023 (Tables 2-4) and beyond", ""]
     if source.demo:
         lines += [
@@ -689,24 +690,25 @@ def _header_lines(source: DataSource, results: Sequence[Result]) -> list[str]:
         "- **micro**: Dice of all test pixels pooled.",
         "",
         "IoU is the slice mean. 95% CIs are patient-level bootstrap intervals. Empty-slice FP is the share of "
-        "tumour-free slices with any predicted pixel; noise components are predicted regions under 7x7 = 49 px that "
+        f"tumour-free slices with any predicted pixel; noise components are predicted regions under {side}x{side} = {side * side} px that "
         "touch no tumour.",
         "",
     ]
     return lines
 
 
-def _dataset_lines(components: pd.DataFrame, source: Path, data_json: Path, summary: Any, fig_link: str) -> list[str]:
+def _dataset_lines(components: pd.DataFrame, source: Path, data_json: Path, summary: Any, fig_link: str,
+                   side: int) -> list[str]:
     lines = ["## Dataset: ground-truth component sizes", "",
              "Paper section 4.1.3: *six segmentation regions smaller than 7 x 7* in the dataset (of about 3929 slices). "
              "Ground-truth connected components of every mask, counted under each reading of 'smaller than 7 x 7':", ""]
     rows = [
         [f"{conn}-connected", str(c["components"]), str(c["area_lt_side_sq"]), str(c["bbox_le_side"]),
          str(c["bbox_lt_side"]), str(c["slices_with_area_lt_side_sq"])]
-        for conn, c in component_counts(components).items()
+        for conn, c in component_counts(components, side).items()
     ]
-    lines += _md_table(("Connectivity", "Components", f"area < {SMALL_AREA} px", "bounding box <= 7 x 7",
-                        "bounding box < 7 x 7", f"slices with a component < {SMALL_AREA} px"), rows)
+    lines += _md_table(("Connectivity", "Components", f"area < {side * side} px", f"bounding box <= {side} x {side}",
+                        f"bounding box < {side} x {side}", f"slices with a component < {side * side} px"), rows)
     lines += ["", f"From `{source.as_posix()}`.", "", f"![component sizes]({fig_link})", ""]
     if summary is not None:
         scalars = _flat_scalars(summary)
@@ -876,16 +878,17 @@ def write_report(
             first.ids, first.image, first.truth,
             [(_short_label(r), slices[r.name].prob > evaluate.threshold) for r in fig8], paths["figure8"], note=note,
         )
-    counts = component_counts(components)
+    side = evaluate.noise_side
+    counts = component_counts(components, side)
     plotting.plot_component_sizes(
         {f"{c}-connected": components.loc[components["connectivity"] == c, "area"].to_numpy() for c in counts},
-        {f"{c}-connected": _below_text(n) for c, n in counts.items()}, paths["components"], min_area=SMALL_AREA, note=note,
+        {f"{c}-connected": _below_text(n, side) for c, n in counts.items()}, paths["components"], side=side, note=note,
     )
     plotting.plot_dice_by_variant(_dice_bars(results), paths["dice"], note=note)
 
     md_dir = out_md.parent
     links = {k: _relative(p, md_dir) for k, p in paths.items()}
-    lines = _header_lines(source, results)
+    lines = _header_lines(source, results, side)
     lines += ["## Paper tables", ""]
     for table in ("table2", "table3", "table4"):
         lines += paper_table_markdown(table, results)
@@ -900,7 +903,7 @@ def write_report(
         lines.append(f"- Figure 9 (outlier loss on a synthetic input){fig9_state}: ![figure 9]({links['figure9']})")
     lines.append("")
     lines += beyond_markdown(results)
-    lines += _dataset_lines(components, where.components, where.summary_path, where.summary, links["components"])
+    lines += _dataset_lines(components, where.components, where.summary_path, where.summary, links["components"], side)
     write_text(out_md, "\n".join(lines))
 
 
@@ -916,7 +919,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg report") -> int:
 
     try:
         path = build_folder_report(args.folder, args.tables, args.plots)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"report: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(path)

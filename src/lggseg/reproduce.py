@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 
 from lggseg.config import ConfigError, RunConfig, deep_merge, load_section, read_params, validate_all
-from lggseg.errors import USER_ERRORS, DataError
+from lggseg.errors import DataError, LggsegError
 from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg reproduce") -> int:
                                         epochs=args.epochs, image_size=args.image_size, max_minutes=args.max_minutes,
                                         device=args.device)
         env = reproduce(args.raw, args.out, params, runs, args.work, command=shlex.join([prog, *argv]))
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"reproduce: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     failed = {v: r["error"] for v, r in env["variants"].items() if r["status"] != "done"}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lggseg.config import ConfigError
-from lggseg.errors import USER_ERRORS, DataError
+from lggseg.errors import DataError, LggsegError
 from lggseg.hardware import git_commit, machine_record
 from lggseg.io import write_json, write_text
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         dest = write_snapshot(args.workspace, args.variant, args.dest, args.command, args.repo)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"lggseg snapshot: {exc}", file=sys.stderr)
         return 2
     print(f"lggseg snapshot: {dest}")

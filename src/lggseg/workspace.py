@@ -33,7 +33,7 @@ import yaml
 
 from lggseg import warm
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
-from lggseg.errors import USER_ERRORS
+from lggseg.errors import LggsegError
 from lggseg.io import write_json, write_text
 from lggseg.metrics import HEADLINE_KEYS
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[workspace] ready: {ws} (params: {args.overrides} merged over params.yaml)")
             return 0
         return run_demo(args.repo, args.dest, args.overrides, args.set, args.targets)
-    except USER_ERRORS as exc:
+    except LggsegError as exc:
         print(f"lggseg workspace: {exc}", file=sys.stderr)
         return 2
 

@@ -1,30 +1,20 @@
-"""Typed, validated views of ``params.yaml``.
+"""The sections of ``params.yaml`` as frozen, validated dataclasses (all re-exported by :mod:`lggseg.config`).
 
-Every section of ``params.yaml`` loads into a frozen dataclass whose ``__post_init__``
-rejects nonsense (``ConfigError``) before any work starts: an even outlier window, i >= j,
-negative loss weights, split fractions that do not sum to 1, an image size not divisible
-by 16, and so on. Stage scripts never read raw dictionaries.
-
-Training variants (paper Tables 2-4) are data: ``variants.<name>`` holds overrides of the
-``model``, ``loss`` and ``train`` sections. :func:`resolve_variant` merges them into a
-:class:`RunConfig`, which the ``configure`` stage writes to ``configs/<name>.yaml``. Each
-``train@<name>`` stage depends on that file only, so ``dvc exp run -S loss.gamma=0.5``
-re-trains exactly the variants whose resolved configuration changes (the ones whose
-loss uses the outlier term) and leaves the rest cached.
+Each ``__post_init__`` rejects nonsense with a :class:`ConfigError` naming the key. The defaults equal
+``params.yaml``'s values; keys derived from the paper's "7" (``loss.i``) are listed in :data:`DERIVED_FROM_I`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any
 
-import yaml
+from lggseg.errors import (
+    ConfigError as ConfigError,  # re-exported; it lives in lggseg.errors (the one error root)
+)
 
 CLUSTER_COLUMNS = (
     "RNASeqCluster",
@@ -43,10 +33,6 @@ ARCHS = ("deeplabv3plus", "unet")
 LR_SCHEDULES = ("constant", "cosine")
 DATA_PATHS = ("auto", "loader", "resident")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ConfigError(ValueError):
-    """A parameter makes no sense; raised before any work starts."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -134,7 +120,7 @@ class ModelConfig:
     output_stride: int = 16
     atrous_rates: tuple[int, int, int] = (6, 12, 18)
     decoder_channels: int = 256
-    pretrained: bool = False
+    pretrained: bool = True
     weights_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -166,8 +152,8 @@ class LossConfig:
     counts: str = "soft"  # soft probabilities | hard Round(X) (no gradient through the density)
     outlier_mode: str = "paper"  # paper (eqs. 4-12 literally) | isolated_bce (our variant)
     reduction: str = "mean"  # mean | sum over pixels
-    gamma_warmup_epochs: int = 0  # epochs with gamma = 0
-    gamma_ramp_epochs: int = 0  # then a linear ramp up to gamma over this many epochs
+    gamma_warmup_epochs: int = 5  # epochs with gamma = 0
+    gamma_ramp_epochs: int = 10  # then a linear ramp up to gamma over this many epochs
 
     def __post_init__(self) -> None:
         _require(len(self.terms) > 0, "loss.terms must name at least one of bce, dice, outlier")
@@ -218,6 +204,26 @@ class LossConfig:
         return self.i * self.i - half * half
 
 
+DERIVED_FROM_I: dict[tuple[str, str], Any] = {
+    ("postprocess", "min_area"): lambda i: i * i,
+    ("evaluate", "noise_side"): lambda i: i,
+}
+"""Keys whose value, when null or absent, is derived from ``loss.i``, the one place of the paper's "7".
+
+Section 4.1.3 of the paper calls regions smaller than 7 x 7 segmentation noise, and its outlier loss
+(eqs. 4-12) looks at an i x i window with i = 7. ``loss.i`` holds that 7; the smallest kept predicted
+component (``postprocess.min_area`` = i*i = 49) and the side of the noise and small-component counts
+(``evaluate.noise_side`` = i) are derived from it unless a params file sets them explicitly.
+"""
+
+
+def _derive_defaults(cfg: Any, section: str, i: int | None = None) -> None:
+    """Fill the ``DERIVED_FROM_I`` fields of ``cfg`` left at None, from ``i`` (default: ``LossConfig().i``)."""
+    for (sec, key), rule in DERIVED_FROM_I.items():
+        if sec == section and getattr(cfg, key) is None:
+            object.__setattr__(cfg, key, rule(LossConfig.i if i is None else i))
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation (paper section 4.1.3: random channel dropout, brightness/contrast/saturation)."""
@@ -246,7 +252,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    num_workers: int = 2
+    num_workers: int = 4
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
     channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.train.step_setup)
     compile: bool = False  # torch.compile on CUDA
@@ -307,11 +313,12 @@ class TrainConfig:
 class PostprocessConfig:
     """Inference-time removal of predicted components smaller than ``min_area`` pixels (0 disables)."""
 
-    min_area: int = 49
+    min_area: int | None = None  # None: derived, loss.i squared (the paper's 7x7 = 49); see DERIVED_FROM_I
     connectivity: int = 8
     largest_3d: bool = False  # keep only each case's largest 3D region (not in the paper)
 
     def __post_init__(self) -> None:
+        _derive_defaults(self, "postprocess")
         _require(_is_int(self.min_area) and self.min_area >= 0, f"postprocess.min_area must be >= 0, got {self.min_area!r}")
         _require(self.connectivity in (4, 8), "postprocess.connectivity must be 4 or 8")
         _require(isinstance(self.largest_3d, bool), "postprocess.largest_3d must be true or false")
@@ -325,11 +332,12 @@ class EvaluateConfig:
     batch_size: int = 32
     bootstrap_samples: int = 1000
     bootstrap_seed: int = 23
-    noise_side: int = 7  # components smaller than noise_side^2 pixels that touch no truth count as noise
+    noise_side: int | None = None  # None: loss.i (the paper's 7); components under noise_side^2 px touching no truth are noise
     connectivity: int = 8
     tta: bool = False  # average the identity, h-flip and v-flip probabilities (lggseg predict --tta)
 
     def __post_init__(self) -> None:
+        _derive_defaults(self, "evaluate")
         _require(_is_num(self.threshold) and 0 < self.threshold < 1, "evaluate.threshold must be in (0, 1)")
         _require(_is_int(self.batch_size) and self.batch_size > 0, "evaluate.batch_size must be positive")
         _require(_is_int(self.bootstrap_samples) and self.bootstrap_samples >= 100, "evaluate.bootstrap_samples must be >= 100")
@@ -362,7 +370,16 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
 
-# --------------------------------------------------------------------------- loading
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+
 
 SECTIONS: dict[str, type] = {
     "common": CommonConfig,
@@ -375,157 +392,3 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
 }
 
-
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys and wrong types are errors."""
-    where = where or cls.__name__
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required field
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, where) for v in value)
-    if origin is not None and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        return _coerce(rest[0], value, where)
-    if tp is float:
-        if not _is_num(value):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if not _is_int(value):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read a params file into a plain dict (clear error if missing or malformed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return data
-
-
-def load_section(name: str, params: Mapping[str, Any] | str | Path = "params.yaml") -> Any:
-    """The validated dataclass for section ``name`` of ``params`` (a dict or a params file)."""
-    if not isinstance(params, Mapping):
-        params = read_params(params)
-    if name not in SECTIONS:
-        raise ConfigError(f"unknown params section {name!r}; known: {sorted(SECTIONS)}")
-    return from_dict(SECTIONS[name], params.get(name), name)
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``override`` wins, lists are replaced whole."""
-    out = copy.deepcopy(dict(base))
-    for k, v in override.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-_VARIANT_KEYS = {"model", "loss", "train", "tables", "label"}
-
-
-def variant_names(params: Mapping[str, Any]) -> list[str]:
-    variants = params.get("variants") or {}
-    if not isinstance(variants, Mapping) or not variants:
-        raise ConfigError("params: 'variants' must be a non-empty mapping of variant name -> overrides")
-    return list(variants)
-
-
-def resolve_variant(params: Mapping[str, Any], name: str) -> RunConfig:
-    """Merge ``variants.<name>`` over the global ``model``/``loss``/``train`` sections and validate."""
-    variants = params.get("variants") or {}
-    if name not in variants:
-        raise ConfigError(f"unknown variant {name!r}; known: {sorted(variants)}")
-    over = variants[name] or {}
-    if not isinstance(over, Mapping):
-        raise ConfigError(f"variants.{name} must be a mapping")
-    unknown = sorted(set(over) - _VARIANT_KEYS)
-    if unknown:
-        raise ConfigError(f"variants.{name}: unknown key(s) {unknown}; allowed: {sorted(_VARIANT_KEYS)}")
-    sec = {k: deep_merge(params.get(k) or {}, over.get(k) or {}) for k in ("model", "loss", "train")}
-    seeds = params.get("seeds", [23])
-    if not isinstance(seeds, (list, tuple)):
-        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
-    tables = over.get("tables", [])
-    if not isinstance(tables, (list, tuple)):
-        raise ConfigError(f"variants.{name}.tables must be a list")
-    return RunConfig(
-        variant=name,
-        common=load_section("common", params),
-        model=from_dict(ModelConfig, sec["model"], f"variants.{name}.model"),
-        loss=from_dict(LossConfig, sec["loss"], f"variants.{name}.loss"),
-        train=from_dict(TrainConfig, sec["train"], f"variants.{name}.train"),
-        seeds=_coerce(tuple[int, ...], seeds, "seeds"),
-        tables=tuple(str(t) for t in tables),
-        label=str(over.get("label", name)),
-    )
-
-
-def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Inverse of :meth:`RunConfig.to_dict` (reads ``configs/<variant>.yaml`` and model dirs)."""
-    return from_dict(RunConfig, data, "run config")
-
-
-def load_run_config(path: str | Path) -> RunConfig:
-    return run_config_from_dict(read_params(path))
-
-
-def validate_all(params: Mapping[str, Any]) -> dict[str, RunConfig]:
-    """Validate every section and every variant; returns the resolved variants."""
-    for name in SECTIONS:
-        if name in params:
-            load_section(name, params)
-    return {name: resolve_variant(params, name) for name in variant_names(params)}
