@@ -92,6 +92,9 @@ def test_bad_demo_seconds_are_rejected(seconds):
         ({"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "cuda-nvidia-h100-80gb-hbm3"),
         ({"type": "cpu", "name": "  Intel(R) Xeon(R)  "}, "cpu-intel-r-xeon-r"),
         ({"type": "cpu", "name": "???"}, "cpu-unknown"),
+        ({"type": "cpu", "name": "AMD EPYC", "bf16": {"supported": True, "native": True}}, "cpu-amd-epyc"),
+        ({"type": "cpu", "name": "AMD EPYC", "bf16": {"supported": True, "native": False}}, "cpu-amd-epyc-no-bf16"),
+        ({"type": "cuda", "name": "H200", "bf16": {"supported": True, "native": False}}, "cuda-h200"),
     ],
 )
 def test_device_key(info, key):

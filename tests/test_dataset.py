@@ -246,3 +246,53 @@ def test_each_augmentation_draws_its_own_decision():
             outcomes["other"] += 1
     # Binomial(120, 1/4): 30 expected; 12 is more than 4 standard deviations below
     assert outcomes["flip only"] >= 12 and outcomes["none"] >= 12 and outcomes["other"] >= 40, outcomes
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [  # pixel (pre-contrast 10, FLAIR 20, post-contrast 30) under each missing-sequence pattern
+        (0, (20, 20, 30)),  # pre-contrast not acquired
+        (1, (10, 20, 20)),  # post-contrast not acquired
+        (2, (20, 20, 20)),  # FLAIR only
+    ],
+)
+def test_missing_sequence_channels_copies_flair(pattern, expected):
+    from lggseg.dataset import missing_sequence_channels
+
+    image = np.zeros((2, 2, 3), np.uint8) + np.array([10, 20, 30], np.uint8)
+    out = missing_sequence_channels(image, pattern)
+    assert out.dtype == np.uint8 and (out == np.array(expected, np.uint8)).all()
+    assert (image == np.array([10, 20, 30])).all()  # the input is left alone
+
+
+def test_missing_sequence_transform_streams_keep_earlier_runs():
+    """The augmentation of a run without missing_sequence_p is unchanged by the option's existence: the
+    transforms keep their stream numbers (0..3 in the order of the paper's and the extra transforms)."""
+    from lggseg.dataset import _STREAM, build_augmentation
+
+    names = [type(t).__name__ for t in build_augmentation(AugmentConfig(extra=True)).transforms]
+    assert [_STREAM[n] for n in names] == [0, 1, 2, 3]
+    with_it = [type(t).__name__ for t in build_augmentation(AugmentConfig(missing_sequence_p=0.5)).transforms]
+    assert with_it[0] == "MissingSequence" and _STREAM["MissingSequence"] not in (0, 1, 2, 3)
+
+
+def test_missing_sequence_in_training_items():
+    store = _store()
+    cfg = AugmentConfig(missing_sequence_p=1.0, channel_dropout_p=0.0, color_jitter_p=0.0)
+    ds = SliceDataset(store, np.arange(N), S, cfg, seed=5)
+    plain = SliceDataset(store, np.arange(N), S, None)
+    seen = set()
+    for epoch in range(6):
+        for k in range(N):
+            x, ref = ds[(k, epoch)]["image"].numpy(), plain[k]["image"].numpy()
+            # normalised per channel, so compare the de-normalised uint8 values
+            back = lambda t: np.round((t * np.array([0.229, 0.224, 0.225])[:, None, None]  # noqa: E731
+                                       + np.array([0.485, 0.456, 0.406])[:, None, None]) * 255)
+            xb, rb = back(x), back(ref)
+            np.testing.assert_array_equal(xb[1], rb[1])
+            pattern = (np.array_equal(xb[0], rb[1]), np.array_equal(xb[2], rb[1]))
+            assert pattern in {(True, False), (False, True), (True, True)}
+            seen.add(pattern)
+    assert len(seen) == 3  # every pattern occurs over 36 draws
+    with pytest.raises(Exception, match="missing_sequence_p"):
+        AugmentConfig(missing_sequence_p=1.5)

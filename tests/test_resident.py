@@ -167,6 +167,41 @@ def test_channel_dropout_rate_per_channel():
         np.testing.assert_allclose(rate, p / 3, atol=5 * se, err_msg=name)
 
 
+def test_missing_sequence_patterns_rate_and_combination_with_dropout():
+    """Each pattern (pre-contrast, post-contrast, both replaced by FLAIR) in p/3 of the samples on both
+    paths; with channel dropout on as well, the substitution comes first, so a sample can lose FLAIR
+    and keep the other sequences but never shows a zeroed channel copied into the others."""
+    p = 0.6
+    cfg = AugmentConfig(missing_sequence_p=p, channel_dropout_p=0.0, color_jitter_p=0.0)
+    rates = {}
+    for name, (out, _, src) in _both(cfg).items():
+        same = (out[:, :, None] == out[:, None, :]).reshape(len(out), 3, 3, -1).all(-1)  # (samples, 3, 3)
+        eq = lambda a, b, same=same: same[:, a, b]  # noqa: E731
+        changed = (out != src).reshape(len(out), -1).any(1)
+        kinds = np.stack([eq(0, 1) & ~eq(2, 1), eq(2, 1) & ~eq(0, 1), eq(0, 1) & eq(2, 1)], 1)
+        assert (kinds.sum(1) == changed).all(), name  # every change is one of the three patterns
+        np.testing.assert_array_equal(out[:, 1], src[:, 1], err_msg=name)  # FLAIR itself never changes
+        se = np.sqrt(p / 3 * (1 - p / 3) / len(out))
+        np.testing.assert_allclose(kinds.mean(0), p / 3, atol=5 * se, err_msg=name)
+        rates[name] = kinds.argmax(1) + 3 * ~changed
+    _agree(rates["albumentations"].astype(float), rates["resident"].astype(float), "pattern")
+    both = AugmentConfig(missing_sequence_p=1.0, channel_dropout_p=1.0, color_jitter_p=0.0)
+    for name, (out, _, _) in _both(both).items():
+        zero = (out.reshape(len(out), 3, -1) == 0).all(-1)
+        assert (zero.sum(1) == 1).all(), name  # exactly one channel dropped after the substitution
+
+
+def test_missing_sequence_off_draws_nothing():
+    """p 0 leaves the resident path's random stream (and so every earlier run) as it was."""
+    x = _nchw(_smooth_images(4))
+    m = torch.zeros(4, 1, 64, 64)
+    a, _ = augment_batch(x, m, AugmentConfig(), generator(CPU, 3, 1))
+    b, _ = augment_batch(x, m, AugmentConfig(missing_sequence_p=0.0), generator(CPU, 3, 1))
+    c, _ = augment_batch(x, m, AugmentConfig(missing_sequence_p=1e-9), generator(CPU, 3, 1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # a non-zero p draws first: the later draws move
+
+
 def _implied(name: str, out: np.ndarray, src: np.ndarray) -> np.ndarray:
     """The factor each sample was given, recovered from the output (clipping and rounding aside)."""
     out, src = out.reshape(len(out), 3, -1).astype(np.float64), src.reshape(len(src), 3, -1).astype(np.float64)

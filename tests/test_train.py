@@ -117,6 +117,10 @@ def test_fingerprint_ignores_speed_settings_only():
     assert run_fingerprint(tiny_run(lr=0.01), SEED, "data") != base
     assert run_fingerprint(tiny_run(), SEED + 1, "data") != base
     assert run_fingerprint(tiny_run(), SEED, "other data") != base
+    # a setting added later counts only when used: runs made before it keep their identity
+    augment = {**tiny_run().train.augment.__dict__}
+    assert run_fingerprint(tiny_run(augment={**augment, "missing_sequence_p": 0.0}), SEED, "data") == base
+    assert run_fingerprint(tiny_run(augment={**augment, "missing_sequence_p": 0.2}), SEED, "data") != base
 
 
 def test_fingerprint_holds_device_type_and_precision():

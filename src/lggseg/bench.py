@@ -286,9 +286,15 @@ def machine_load(start: float | None, end: float | None) -> dict[str, Any]:
 
 
 def device_key(info: Mapping[str, Any]) -> str:
-    """``<type>-<name slug>``: the key of this device's block in bench.json."""
+    """``<type>-<name slug>``: the key of this device's block in bench.json.
+
+    CPUs of one name differ in whether they compute bf16 natively (AVX512-BF16/AMX), which changes
+    every bf16 timing nearly twofold; one without it gets ``-no-bf16`` so that neither entry replaces
+    the other.
+    """
     slug = re.sub(r"[^a-z0-9]+", "-", str(info["name"]).lower()).strip("-") or "unknown"
-    return f"{info['type']}-{slug}"
+    no_bf16 = info["type"] == "cpu" and (info.get("bf16") or {}).get("native") is False
+    return f"{info['type']}-{slug}" + ("-no-bf16" if no_bf16 else "")
 
 
 # --------------------------------------------------------------------------- timing

@@ -51,13 +51,53 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return image, mask
 
 
+# The Kaggle LGG images are (pre-contrast, FLAIR, post-contrast); a sequence that was not acquired is
+# stored as a copy of FLAIR. In the 94-case copy 4 cases lack post-contrast (channel 2 == channel 1) and
+# 4 have FLAIR only (all three equal), 2 of them in the 14-patient test split against 1 in the 66 train
+# patients. ``train.augment.missing_sequence_p`` shows the network such slices: with that probability one
+# of these patterns, chosen uniformly, replaces the marked channels by FLAIR.
+MISSING_SEQUENCE_PATTERNS = ((True, False, False), (False, False, True), (True, False, True))
+
+
+def missing_sequence_channels(image: np.ndarray, pattern: int) -> np.ndarray:
+    """``(H, W, 3)`` image with the channels of ``MISSING_SEQUENCE_PATTERNS[pattern]`` replaced by FLAIR (channel 1)."""
+    out = image.copy()
+    for c, missing in enumerate(MISSING_SEQUENCE_PATTERNS[pattern]):
+        if missing:
+            out[..., c] = image[..., 1]
+    return out
+
+
+def _missing_sequence_transform(p: float) -> Any:
+    """An albumentations transform applying :func:`missing_sequence_channels` with probability ``p``."""
+    import albumentations as A
+
+    class MissingSequence(A.ImageOnlyTransform):
+        def get_params(self) -> dict[str, Any]:
+            return {"pattern": self.py_random.randrange(len(MISSING_SEQUENCE_PATTERNS))}
+
+        def apply(self, img: np.ndarray, pattern: int = 0, **params: Any) -> np.ndarray:
+            return missing_sequence_channels(img, pattern)
+
+    return MissingSequence(p=p)
+
+
+# Each transform draws from its own stream, numbered as below; a transform added later takes a new
+# number, so the streams of the others (and the runs made before it) do not change.
+_STREAM = {"ChannelDropout": 0, "ColorJitter": 1, "HorizontalFlip": 2, "Affine": 3, "MissingSequence": 4}
+
+
 def build_augmentation(cfg: AugmentConfig) -> Any:
     """The section 4.1.3 augmentation (an albumentations ``Compose``); ``cfg.extra`` adds flips and a small
-    affine transform. :mod:`lggseg.resident` implements the same operations as batched tensor operations."""
+    affine transform, ``cfg.missing_sequence_p`` the missing-sequence patterns (before everything else). :mod:`lggseg.resident` implements the same operations as batched tensor operations."""
     # Imported here: evaluation and the device-resident training path must run without albumentations.
     import albumentations as A
 
-    transforms: list[Any] = [
+    transforms: list[Any] = []
+    if cfg.missing_sequence_p > 0:
+        # first: the acquisition comes before any augmentation of the paper's
+        transforms.append(_missing_sequence_transform(cfg.missing_sequence_p))
+    transforms += [
         # Drop one of the three MRI sequences (pre-contrast, FLAIR, post-contrast) at random.
         A.ChannelDropout(channel_drop_range=(1, 1), fill=0, p=cfg.channel_dropout_p),
         # The paper names brightness, contrast and saturation only, so hue is left alone.
@@ -151,8 +191,8 @@ class SliceDataset(Dataset):
             # albumentations 2.0's Compose.set_random_seed hands every transform the same seed, so their
             # draws would coincide (a flip only ever with the affine, channel dropout only with colour
             # jitter); each transform gets a stream of its own.
-            for k, transform in enumerate(self._transform.transforms):
-                transform.set_random_seed(item_seed(seed, k, 1))
+            for transform in self._transform.transforms:
+                transform.set_random_seed(item_seed(seed, _STREAM[type(transform).__name__], 1))
             out = self._transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return {

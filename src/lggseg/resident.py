@@ -11,6 +11,9 @@ every epoch is tensor operations on whole batches, with the same meaning and par
   matrix, rounded to uint8 as OpenCV rounds: half up for a factor of 2, half to even otherwise, which
   reproduces OpenCV bit for bit on the sizes we use), nearest neighbour for the masks (the same
   source pixel as ``cv2.INTER_NEAREST``);
+* with ``augment.missing_sequence_p`` > 0, first: with that probability one of
+  :data:`lggseg.dataset.MISSING_SEQUENCE_PATTERNS` (uniformly) replaces pre-contrast, post-contrast or
+  both by FLAIR, as the Kaggle data stores a sequence that was not acquired;
 * channel dropout (albumentations ``ChannelDropout(channel_drop_range=(1, 1), fill=0)``): with
   probability ``channel_dropout_p`` one of the three channels, chosen uniformly, is set to 0;
 * colour jitter (albumentations 2.0.8 ``ColorJitter`` on uint8, hue 0): with probability
@@ -31,12 +34,9 @@ The random draws differ from the albumentations path (another generator, whole b
 paths give different weights; ``train.data_path`` is therefore part of a run's fingerprint. What is
 the same is the distribution of every augmentation (``tests/test_resident.py`` measures it).
 
-Every operation here draws its own numbers, independently of the others. The DataLoader path does not
-quite: ``Compose.set_random_seed`` in albumentations 2.0.8 gives each transform the same seed, so their
-first draws (the "apply?" decisions) coincide: flip and affine are applied together or not at all,
-channel dropout (p 0.2) only ever with colour jitter (p 0.5), and a transform's parameters repeat
-another's draws. Each operation's own probability and ranges are as configured on both paths (the tests
-compare these marginals); the joint draws differ.
+Every operation here draws its own numbers, independently of the others; so does every transform of
+the DataLoader path, which seeds each from a stream of its own (``lggseg.dataset._STREAM``; albumentations
+2.0.8's ``Compose.set_random_seed`` alone would hand all of them the same seed).
 
 Randomness: a ``torch.Generator`` on the device seeded from ``(seed, epoch)`` (the batch order, the
 same on every DDP rank) and one seeded from ``(seed, epoch, rank)`` (the augmentation), so an epoch
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from lggseg.config import AugmentConfig
-from lggseg.dataset import IMAGENET_MEAN, IMAGENET_STD
+from lggseg.dataset import IMAGENET_MEAN, IMAGENET_STD, MISSING_SEQUENCE_PATTERNS
 from lggseg.errors import DataError
 
 # A split is made resident under data_path auto only if it takes at most this share of the free
@@ -181,9 +181,16 @@ def augment_batch(x: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig,
     """Augment float ``(B, 3, H, W)`` images with integer values in [0, 255] and ``(B, 1, H, W)`` masks.
 
     The operations and their parameters are those of :func:`lggseg.dataset.build_augmentation`, in
-    its order (channel dropout, colour jitter, then with ``cfg.extra`` flip and affine). No host sync.
+    its order (missing-sequence patterns when ``cfg.missing_sequence_p`` > 0, channel dropout, colour
+    jitter, then with ``cfg.extra`` flip and affine). No host sync.
     """
     b, dev = x.shape[0], x.device
+    if cfg.missing_sequence_p > 0:  # drawn only when on, so the streams of runs without it stay as they were
+        chosen = torch.rand(b, generator=gen, device=dev) < cfg.missing_sequence_p
+        pattern = torch.randint(0, len(MISSING_SEQUENCE_PATTERNS), (b,), generator=gen, device=dev)
+        table = torch.tensor(MISSING_SEQUENCE_PATTERNS, device=dev)
+        replace = (chosen[:, None] & table[pattern])[:, :, None, None]
+        x = torch.where(replace, x[:, 1:2].expand_as(x), x)
     # channel dropout: one of the three channels, uniformly, with probability channel_dropout_p
     drop = torch.rand(b, generator=gen, device=dev) < cfg.channel_dropout_p
     channel = torch.randint(0, 3, (b,), generator=gen, device=dev)

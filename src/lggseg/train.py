@@ -147,6 +147,8 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_ty
     for key, default in (("fused_adam", False), ("bn_recalibration_slices", 0)):
         if cfg["train"].get(key) == default:
             cfg["train"].pop(key, None)
+    if cfg["train"]["augment"].get("missing_sequence_p") == 0:
+        cfg["train"]["augment"].pop("missing_sequence_p")
     blob = json.dumps({"run": cfg, "seed": seed, "data": store_fingerprint,
                        "device_type": device_type, "bf16": bool(bf16)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

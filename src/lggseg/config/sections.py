@@ -234,9 +234,13 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     extra: bool = False  # flips and small affine transforms; not in the paper
+    # Not in the paper: with this probability a slice is shown as if pre-contrast, post-contrast or both
+    # had not been acquired, encoded the way the Kaggle data encodes a missing sequence (a copy of FLAIR;
+    # 8 of the 94 cases in our copy). See lggseg.dataset.MISSING_SEQUENCE_PATTERNS.
+    missing_sequence_p: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("channel_dropout_p", "color_jitter_p"):
+        for name in ("channel_dropout_p", "color_jitter_p", "missing_sequence_p"):
             v = getattr(self, name)
             _require(_is_num(v) and 0 <= v <= 1, f"train.augment.{name} must be a probability, got {v!r}")
         for name in ("brightness", "contrast", "saturation"):
