@@ -25,6 +25,7 @@ laptop: install
 
 test: install
 	$(BIN)/ruff check src stages tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-fast: install
@@ -32,6 +33,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check src stages tests
+	$(BIN)/lint-imports
 
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

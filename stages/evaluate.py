@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", required=True, help="directory for slices.csv, patients.csv, figure_slices.npz")
     args = ap.parse_args(argv)
     # imported after parsing: --help and usage errors stay fast
-    from lggseg.evaluate import evaluate_model, write_evaluation
+    from lggseg.evaluation.evaluate import evaluate_model, write_evaluation
 
     # lggseg's notes (the device chosen, why a GPU is not used) on stderr; other libraries stay quiet
     logging.basicConfig(format="%(name)s: %(message)s")

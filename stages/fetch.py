@@ -1,7 +1,7 @@
 """Stage ``fetch``: obtain the LGG dataset as ``<out>/kaggle_3m`` and record its fingerprint.
 
 The fingerprint also goes to ``--fingerprint`` (``metrics/fetch.json``, git-tracked) so that a silently
-changed dataset shows up in ``dvc metrics diff``. See :mod:`lggseg.fetch` for the sources.
+changed dataset shows up in ``dvc metrics diff``. See :mod:`lggseg.data.fetch` for the sources.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from lggseg.config import load_section
+from lggseg.data.fetch import fetch
 from lggseg.errors import LggsegError
-from lggseg.fetch import fetch
 from lggseg.io import write_json
 
 

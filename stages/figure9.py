@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study-plot", default=None, help="PNG: blob-study curves and maps")
     args = ap.parse_args(argv)
     # imported after parsing: --help and usage errors stay fast
-    from lggseg.outlier_study import run_figure9
+    from lggseg.reporting.outlier_study import run_figure9
 
     try:
         cfg = load_section("loss", args.params)

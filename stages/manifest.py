@@ -1,4 +1,4 @@
-"""Stage ``manifest``: validate the raw Kaggle layout and build the slice store of ``lggseg.manifest``.
+"""Stage ``manifest``: validate the raw Kaggle layout and build the slice store of ``lggseg.data.manifest``.
 
 Reads ``common``, ``manifest`` and ``evaluate.noise_side`` (the side s of the "smaller than s x s"
 component analysis of paper section 4.1.3); writes the store to ``--out`` and the summary to ``--summary``.
@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from lggseg.config import load_section, read_params
+from lggseg.data.manifest import build_manifest
 from lggseg.errors import LggsegError
 from lggseg.io import write_json
-from lggseg.manifest import build_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

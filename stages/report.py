@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", default="plots")
     args = ap.parse_args(argv)
     # imported after parsing: --help and usage errors stay fast
-    from lggseg.report import build_report
+    from lggseg.reporting.report import build_report
 
     try:
         build_report(read_params(args.params), args.metrics, args.eval, args.manifest, args.tables, args.plots)

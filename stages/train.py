@@ -1,4 +1,4 @@
-"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.train.train_all_seeds``).
+"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.training.trainer.train_all_seeds``).
 
 Runs as ``python stages/train.py ...`` or, on several GPUs, ``torchrun --nproc_per_node N stages/train.py ...``.
 An interrupted run continues from its last epoch checkpoint; ``--no-resume`` starts over.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config)
         if run.variant != args.variant:
             raise ConfigError(f"{args.config} is the config of variant {run.variant!r}, not {args.variant!r}")
-        from lggseg.train import shutdown_distributed, train_all_seeds
+        from lggseg.training.trainer import shutdown_distributed, train_all_seeds
 
         try:
             summary = train_all_seeds(run, args.data, args.out, resume=args.resume)

@@ -28,8 +28,8 @@ def real_kaggle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_kaggle_dir(tmp_path_factory) -> Path:
-    """A small synthetic dataset (``lggseg.demo``: 6 cases, seed 0) in the Kaggle layout; read-only."""
-    from lggseg.demo import generate_demo
+    """A small synthetic dataset (``lggseg.data.synthetic``: 6 cases, seed 0) in the Kaggle layout; read-only."""
+    from lggseg.data.synthetic import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo6"), n_cases=6, seed=0)
 
@@ -38,8 +38,8 @@ def demo_kaggle_dir(tmp_path_factory) -> Path:
 def store_dir(tmp_path_factory) -> Path:
     """A manifest store of 3 synthetic demo cases at 64 px (training tests)."""
     from lggseg.config import CommonConfig, ManifestConfig
-    from lggseg.demo import generate_demo
-    from lggseg.manifest import build_manifest
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.synthetic import generate_demo
 
     root = tmp_path_factory.mktemp("demo3")
     raw = generate_demo(root / "raw", 3, 23)

@@ -1,5 +1,5 @@
 """lggseg.ablation: arms are validated before any training, chosen on validation only, and a killed
-search resumes; lggseg.snapshot copies a workspace's results and refuses large files."""
+search resumes; lggseg.reporting.snapshot copies a workspace's results and refuses large files."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from lggseg.ablation import arm_params, choose, read_arms, run_ablation
 from lggseg.config import ConfigError, deep_merge, read_params
 from lggseg.errors import DataError
-from lggseg.snapshot import write_snapshot
+from lggseg.reporting.snapshot import write_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_snapshot_copies_results_but_no_weights(tmp_path):
 
 
 def test_snapshot_refuses_missing_results_and_large_files(tmp_path, monkeypatch):
-    import lggseg.snapshot as snap
+    import lggseg.reporting.snapshot as snap
 
     ws = _workspace(tmp_path)
     with pytest.raises(DataError, match="not found"):

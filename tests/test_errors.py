@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,8 @@ def test_manifest_on_a_full_disk(demo_kaggle_dir, tmp_path, monkeypatch, capsys)
 @pytest.mark.slow
 def test_evaluate_on_a_full_disk(tmp_path, monkeypatch, capsys):
     from lggseg.config import CommonConfig, ManifestConfig, ModelConfig
-    from lggseg.demo import generate_demo
-    from lggseg.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.synthetic import generate_demo
     from lggseg.models import build_model, save_model
 
     raw = generate_demo(tmp_path / "raw", n_cases=3, seed=0)
@@ -113,6 +114,7 @@ def test_evaluate_on_a_full_disk(tmp_path, monkeypatch, capsys):
 
 
 def test_report_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "tests" / "reporting"))
     from test_report import PARAMS, write_inputs
 
     dirs = write_inputs(tmp_path, PARAMS)

@@ -20,9 +20,9 @@ from PIL import Image
 
 import lggseg.models
 from lggseg.config import CommonConfig, EvaluateConfig, ManifestConfig, ModelConfig, PostprocessConfig
-from lggseg.dataset import SliceDataset
+from lggseg.data.dataset import SliceDataset
+from lggseg.data.manifest import build_manifest, encode_attributes, load_store, read_clinical
 from lggseg.errors import DataError, ModelError
-from lggseg.manifest import build_manifest, encode_attributes, load_store, read_clinical
 from lggseg.models import build_model, save_model
 from lggseg.predict import (
     AttributeLookup,
@@ -437,7 +437,7 @@ def store_and_model(demo_kaggle_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_predict_dice_equals_the_evaluate_stage(store_and_model, demo_kaggle_dir, tmp_path):
-    from lggseg.evaluate import evaluate_model
+    from lggseg.evaluation.evaluate import evaluate_model
 
     store, models = store_and_model
     cfg = EvaluateConfig(batch_size=8, bootstrap_samples=100)

@@ -686,7 +686,7 @@ def test_load_model_never_unpickles(attr_model, tmp_path):
 
 
 def test_archive_extraction_has_one_implementation():
-    """Only lggseg.archive extracts archives; nothing calls extractall/extract/unpack_archive or tarfile."""
+    """Only lggseg.data.archive extracts archives; nothing calls extractall/extract/unpack_archive or tarfile."""
     offenders = []
     for path in _sources():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -700,7 +700,7 @@ def test_archive_extraction_has_one_implementation():
         if "zf.open(" in text and path.name != "archive.py":
             offenders.append(f"{path}: reads zip members itself")
     assert offenders == []
-    fetch_src = (REPO / "src" / "lggseg" / "fetch.py").read_text()
+    fetch_src = (REPO / "src" / "lggseg" / "data" / "fetch.py").read_text()
     assert "safe_extract_zip(" in fetch_src
 
 
@@ -771,7 +771,7 @@ def test_train_stage_killed_at_random_points_resumes_to_the_same_result(demo_kag
     """SIGKILL ``stages/train.py`` at 4 seeded random moments of its training loop, rerunning it
     each time, then let it finish: result and weights equal those of an uninterrupted run (CPU)."""
     from lggseg.config import CommonConfig, ManifestConfig
-    from lggseg.manifest import build_manifest
+    from lggseg.data.manifest import build_manifest
 
     raw = tmp_path / "kaggle_3m"
     for case in sorted(p for p in demo_kaggle_dir.iterdir() if p.is_dir())[:3]:

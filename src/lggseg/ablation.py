@@ -3,14 +3,14 @@
 Used to choose the laptop recipe (``params.laptop.yaml``, README "No GPU? Train on a laptop"); it
 is not a step of the paper's pipeline. An *arm* is a set of params overrides (the same keys as
 ``params.yaml``) merged over a base profile; every arm trains the base's one variant through
-:func:`lggseg.train.train_variant` (the code the ``train`` stage runs) on one manifest store and is
-then scored by :func:`lggseg.evaluate.evaluate_model` (the ``evaluate`` stage's code) on the
+:func:`lggseg.training.trainer.train_variant` (the code the ``train`` stage runs) on one manifest store and is
+then scored by :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's code) on the
 **validation** split, with and without test-time flips, and on the test split.
 
 Honest selection: :func:`choose` ranks arms by their validation numbers only (``val_dice_slice_mean``,
 ties within ``tie`` broken by ``val_dice_patient_3d``); the test columns are written for the record
 and never read by the ranking. Each arm's row carries its wall times, so the table also says what
-each choice costs on the machine it ran on (``machine.json``: :func:`lggseg.hardware.machine_record`).
+each choice costs on the machine it ran on (``machine.json``: :func:`lggseg.runtime.machine_record`).
 
 Outputs in ``out_dir``: ``ablation.csv`` (one row per arm, rewritten atomically after every arm, so
 an interrupted search keeps what it measured), ``arms/<arm>/`` (model, training result, metrics
@@ -33,9 +33,9 @@ import pandas as pd
 
 from lggseg.config import ConfigError, deep_merge, load_section, read_params, resolve_variant, variant_names
 from lggseg.errors import LggsegError
-from lggseg.hardware import machine_record
+from lggseg.evaluation.metrics import HEADLINE_KEYS
 from lggseg.io import write_csv, write_json, write_text
-from lggseg.metrics import HEADLINE_KEYS
+from lggseg.runtime import machine_record
 
 # The numbers an ablation row keeps from each metrics block.
 ROW_METRICS = HEADLINE_KEYS
@@ -73,8 +73,8 @@ def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_arm(name: str, params: Mapping[str, Any], variant: str, store_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train and score one arm; returns its ablation row."""
-    from lggseg.evaluate import evaluate_model
-    from lggseg.train import train_variant
+    from lggseg.evaluation.evaluate import evaluate_model
+    from lggseg.training.trainer import train_variant
 
     run = resolve_variant(params, variant)
     cfg, post = load_section("evaluate", params), load_section("postprocess", params)
@@ -111,7 +111,7 @@ _SHORT = {"dice_slice_mean": "slice", "dice_tumour_slices": "tumour", "dice_pati
 
 def markdown(table: pd.DataFrame, chosen: str) -> str:
     """``ablation.csv`` as a Markdown table (Dice conventions and the empty-slice FP rate per setting)."""
-    from lggseg.report import _md_table
+    from lggseg.reporting.report import _md_table
 
     header = ["arm", "epochs", "train min", *(f"{h} {_SHORT[k]}" for _, h in _SETTINGS for k in ROW_METRICS)]
     rows = []

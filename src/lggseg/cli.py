@@ -14,12 +14,12 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lggseg.predict", "segment slices, case folders or a kaggle_3m folder with a trained model"),
-    "bench": ("lggseg.bench", "benchmark training, loss, data loading and inference on this device"),
+    "bench": ("lggseg.bench.run", "benchmark training, loss, data loading and inference on this device"),
     "preflight": ("lggseg.preflight", "build every training variant on this device and time a few steps of it"),
-    "compare": ("lggseg.compare", "two metrics files side by side with the difference of every metric"),
+    "compare": ("lggseg.reporting.compare", "two metrics files side by side with the difference of every metric"),
     "demo": ("lggseg.workspace", "run the whole pipeline on synthetic data in its own workspace (demo/)"),
     "reproduce": ("lggseg.reproduce", "raw kaggle_3m -> manifest -> several variants trained at once -> test metrics"),
-    "report": ("lggseg.report", "tables.md and the figures of a `lggseg reproduce` folder"),
+    "report": ("lggseg.reporting.folder", "tables.md and the figures of a `lggseg reproduce` folder"),
 }
 """Sub-command -> (module with ``main(argv) -> int``, one-line help)."""
 

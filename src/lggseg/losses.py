@@ -78,7 +78,7 @@ Eq. 12 is then ``L_outlier = reduce(BCE(X, Y) - DensityMap(X))``. Read literally
 is >= 0 and non-zero only on pixels flagged as belonging to a small region, so those pixels get a
 *lower* loss than every other pixel, and with soft counts the gradient of ``-DensityMap`` raises
 the probability of every pixel in ``N_j`` of a flagged white pixel, i.e. it grows small blobs
-rather than removing them. ``lggseg.outlier_study`` measures this; the paper's results may depend
+rather than removing them. ``lggseg.reporting.outlier_study`` measures this; the paper's results may depend
 on details of their code that the text does not give. We implement the formula as printed
 (``outlier_mode: paper``).
 

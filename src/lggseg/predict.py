@@ -2,18 +2,18 @@
 
 The input is one slice (``.tif``/``.png``), a case folder of the Kaggle layout
 (``<case>/<case>_<n>.tif`` with optional ``<case>_<n>_mask.tif``) or a folder of case folders (a
-``kaggle_3m/`` folder). Case folders and files are validated by :mod:`lggseg.manifest` exactly as
+``kaggle_3m/`` folder). Case folders and files are validated by :mod:`lggseg.data.manifest` exactly as
 for training: slice numbers 1..n without gaps, 256x256 RGB uint8 slices (grayscale and RGBA slices
 are refused, not converted, because the three channels are three MRI sequences), masks with values
 {0, 255}, every mask with its image. A case may have no masks at all (new data); then no Dice is
 reported.
 
 Preprocessing and inference are those of the evaluate stage (paper section 4.1.2): the slice is
-resized to the model's ``image_size`` (:func:`lggseg.dataset.resize_pair`, area averaging),
-normalised (:func:`lggseg.dataset.normalize_image`), the probabilities are upsampled bilinearly to
+resized to the model's ``image_size`` (:func:`lggseg.data.dataset.resize_pair`, area averaging),
+normalised (:func:`lggseg.data.dataset.normalize_image`), the probabilities are upsampled bilinearly to
 the native 256 x 256 and thresholded (``prob > threshold``). :func:`infer_probabilities` is that
-batch -> native-resolution probabilities step, shared with :mod:`lggseg.evaluate` and
-:mod:`lggseg.bench`; with ``tta`` it averages the probabilities of the identity, horizontal-flip
+batch -> native-resolution probabilities step, shared with :mod:`lggseg.evaluation.evaluate` and
+:mod:`lggseg.bench.run`; with ``tta`` it averages the probabilities of the identity, horizontal-flip
 and vertical-flip views.
 
 Models trained with the attribute encoder (section 3.2.2) need each case's genomic clusters and
@@ -26,7 +26,7 @@ A patient without a row is an error unless ``--allow-missing-attributes``, which
 
 Outputs, per slice: ``<stem>_pred.png`` (binary mask, 0/255), ``<stem>_prob.png`` (probability as
 8-bit grey, ``round(255 p)``), ``<stem>_overlay.png`` (green predicted contour, red ground-truth
-contour when a mask sits beside the slice; :func:`lggseg.plotting.overlay`); for case inputs they
+contour when a mask sits beside the slice; :func:`lggseg.reporting.plotting.overlay`); for case inputs they
 go to ``DIR/<case>/``. ``DIR/summary.csv`` has one row per slice (tumour area in pixels, Dice where
 there is truth, and the case's volume = pixels summed over its slices and 3-D Dice),
 ``DIR/cases.csv`` one row per case, ``DIR/predict.json`` the settings. ``DIR`` is built in a
@@ -40,7 +40,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +49,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from lggseg.config import ConfigError
-from lggseg.dataset import normalize_image, resize_pair
 from lggseg.errors import DataError, LggsegError, ModelError
+from lggseg.inference import infer_probabilities, preprocess, resolve_model_dir, uses_attributes
 from lggseg.io import OutputError, atomic_dir
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -67,47 +66,6 @@ _ATTR_NAME = re.compile(r"^attr:(.+)=([^=]+)$")
 
 
 # --------------------------------------------------------------------------- shared inference
-
-
-def infer_probabilities(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    attributes: torch.Tensor | None = None,
-    *,
-    out_size: Sequence[int] | None = None,
-    tta: bool = False,
-) -> torch.Tensor:
-    """Probabilities ``(B, H, W)`` float32 for a normalised batch ``image`` ``(B, 3, h, w)``.
-
-    ``attributes`` ``(B, A)`` goes to models with the attribute encoder (``None`` for the others).
-    The sigmoid probabilities are upsampled bilinearly to ``out_size`` (the native slice size) when
-    it differs from ``(h, w)``. With ``tta`` the probabilities of the identity, horizontal-flip and
-    vertical-flip views (each flipped back) are averaged. bf16 autocast on CUDA, as in training.
-    The model must be in eval mode; this runs under ``torch.inference_mode``.
-    """
-    views: list[tuple[int, ...]] = [(), (-1,), (-2,)] if tta else [()]
-    cuda = image.device.type == "cuda"
-    with torch.inference_mode():
-        total = None
-        for dims in views:
-            x = image.flip(dims) if dims else image
-            with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x, attributes)
-            prob = torch.sigmoid(logits.float())
-            if dims:
-                prob = prob.flip(dims)
-            total = prob if total is None else total + prob
-        prob = total / len(views) if len(views) > 1 else total
-        if out_size is not None and tuple(prob.shape[-2:]) != tuple(out_size):
-            prob = F.interpolate(prob, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
-    return prob[:, 0]
-
-
-def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` slice -> float32 ``(3, s, s)`` model input, as ``SliceDataset`` in evaluation mode."""
-    # resize_pair also resizes a mask; the red channel stands in for it (its output is discarded).
-    resized, _ = resize_pair(image, image[..., 0], image_size)
-    return normalize_image(resized)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -147,7 +105,7 @@ class Inputs:
 
 
 def _case_slices(case: Path, out_dir: str) -> list[SliceInput]:
-    from lggseg.manifest import _CASE_RE, _scan_case
+    from lggseg.data.manifest import _CASE_RE, _scan_case
 
     m = _CASE_RE.match(case.name)
     if not m:
@@ -171,7 +129,7 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _lone_slice(path: Path) -> SliceInput:
-    from lggseg.manifest import _CASE_RE
+    from lggseg.data.manifest import _CASE_RE
 
     case_id, index, patient = path.stem, None, None
     if (m := _NUMBERED.match(path.stem)) and (c := _CASE_RE.match(m.group(1))):
@@ -187,7 +145,7 @@ def _lone_slice(path: Path) -> SliceInput:
 
 def resolve_inputs(path: str | Path) -> Inputs:
     """Find and validate the slices of ``path`` (a slice file, a case folder or a folder of cases)."""
-    from lggseg.manifest import _CASE_RE
+    from lggseg.data.manifest import _CASE_RE
 
     path = Path(path)
     if not path.exists():
@@ -225,7 +183,7 @@ def _existing(path: Path) -> Path | None:
 
 def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
-    from lggseg.manifest import _check_image, _check_mask, _decode_tif, _read
+    from lggseg.data.manifest import _check_image, _check_mask, _decode_tif, _read
 
     image, mode = _decode_tif(item.image, _read(item.image))
     _check_image(item.image, image, mode)
@@ -240,40 +198,6 @@ def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
 # --------------------------------------------------------------------------- model and attributes
 
 
-def resolve_model_dir(model_dir: str | Path, seed: int | None = None) -> Path:
-    """The directory holding ``model.json``: ``model_dir`` itself or its ``seed_<s>/`` (one, or ``seed``)."""
-    from lggseg.evaluate import find_model_dirs
-    from lggseg.models import META_FILE
-
-    model_dir = Path(model_dir)
-    if (model_dir / META_FILE).is_file():
-        if seed is not None:
-            raise ModelError(f"{model_dir}: --seed {seed} given but this is a single model directory (it has {META_FILE})")
-        return model_dir
-    if not model_dir.is_dir():
-        raise ModelError(f"{model_dir}: model directory not found")
-    try:
-        seeds = find_model_dirs(model_dir)
-    except ModelError:
-        raise ModelError(
-            f"{model_dir}: not a model directory (no {META_FILE}, no seed_<s>/ sub-directories); "
-            "give models/<variant> or models/<variant>/seed_<s> as written by training"
-        ) from None
-    if seed is None:
-        if len(seeds) > 1:
-            raise ModelError(f"{model_dir}: holds the models of seeds {sorted(seeds)}; choose one with --seed")
-        return next(iter(seeds.values()))
-    if seed not in seeds:
-        raise ModelError(f"{model_dir}: no model for seed {seed} (seeds: {sorted(seeds)})")
-    return seeds[seed]
-
-
-def uses_attributes(meta: Mapping[str, Any]) -> bool:
-    """Whether the model has the attribute encoder (its ``model_config.attributes``)."""
-    cfg = meta.get("model_config") or {}
-    return bool(cfg.get("attributes")) and int(meta.get("n_attributes") or 0) > 0
-
-
 class AttributeLookup:
     """Builds the model's attribute vector for a patient and a slice position.
 
@@ -284,7 +208,7 @@ class AttributeLookup:
     def __init__(
         self, names: Sequence[str], csv_path: Path | None, allow_missing: bool, model_dir: Path
     ) -> None:
-        from lggseg.manifest import MISSING, POSITION, encode_attributes, read_clinical
+        from lggseg.data.manifest import MISSING, POSITION, encode_attributes, read_clinical
 
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -461,11 +385,11 @@ def predict(
     pixels (inputs, model metadata, attributes, output folder) runs before the model is loaded.
     """
     from lggseg.config import PostprocessConfig
-    from lggseg.evaluate import resolve_device
+    from lggseg.evaluation.postprocess import enabled as postprocess_enabled
+    from lggseg.evaluation.postprocess import postprocess_case
     from lggseg.models import load_model, read_meta
-    from lggseg.plotting import overlay
-    from lggseg.postprocess import enabled as postprocess_enabled
-    from lggseg.postprocess import postprocess_case
+    from lggseg.reporting.plotting import overlay
+    from lggseg.runtime import resolve_device
 
     opts = options or PredictOptions()
     out_dir = Path(out_dir)
@@ -577,7 +501,7 @@ def predict(
 
 def _slice_row(item: SliceInput, output: str, pred: np.ndarray, truth: np.ndarray | None) -> dict[str, Any]:
     """The summary row of one slice: area in pixels and, with a truth mask, its Dice."""
-    from lggseg.metrics import confusion, dice_from_counts
+    from lggseg.evaluation.metrics import confusion, dice_from_counts
 
     row: dict[str, Any] = {
         "case_id": item.case_id,
@@ -600,7 +524,7 @@ def _slice_row(item: SliceInput, output: str, pred: np.ndarray, truth: np.ndarra
 
 def _case_table(slices: pd.DataFrame) -> pd.DataFrame:
     """Per case: slices, predicted volume (pixels summed over slices), truth volume and 3-D Dice."""
-    from lggseg.metrics import dice_from_counts
+    from lggseg.evaluation.metrics import dice_from_counts
 
     out = []
     for case_id, g in slices.groupby("case_id", sort=True):

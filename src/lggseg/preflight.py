@@ -2,10 +2,10 @@
 
 Before hours of ``dvc repro`` on a GPU, each variant of ``params.yaml`` (paper Tables 2-4 and beyond)
 is built on the device and put through what training and evaluation do, on synthetic data of the
-chosen size: a few optimisation steps with the variant's own loss (:func:`lggseg.train.train_step`
-under the variant's :func:`~lggseg.train.step_setup`: bf16, channels_last, compile), at the epoch where
+chosen size: a few optimisation steps with the variant's own loss (:func:`lggseg.training.trainer.train_step`
+under the variant's :func:`~lggseg.training.trainer.step_setup`: bf16, channels_last, compile), at the epoch where
 the outlier term has its full weight, then one evaluation batch through
-:func:`lggseg.predict.infer_probabilities`. Weights are random (``model.pretrained`` is forced off:
+:func:`lggseg.inference.infer_probabilities`. Weights are random (``model.pretrained`` is forced off:
 nothing is downloaded, and the speed and memory do not depend on the values of the weights).
 
 One line per variant: ``OK`` or ``FAIL`` with the error in one line, the median step time and the
@@ -77,10 +77,10 @@ def _peak_rss_mib() -> float:
 
 def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: int, steps: int) -> Outcome:
     """Build ``run``'s model with random weights on ``device`` and take ``steps`` training steps and one evaluation batch."""
+    from lggseg.inference import infer_probabilities
     from lggseg.losses import CompoundLoss
     from lggseg.models import build_model
-    from lggseg.predict import infer_probabilities
-    from lggseg.train import adam, applied, step_setup, train_step
+    from lggseg.training.trainer import adam, applied, step_setup, train_step
 
     cuda = device.type == "cuda"
     setup = step_setup(run.train, device)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None, prog: str = "lggseg preflight") -> int:
     import logging
 
     from lggseg.config import CommonConfig
-    from lggseg.hardware import resolve_device
+    from lggseg.runtime import resolve_device
 
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")

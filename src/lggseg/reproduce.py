@@ -6,13 +6,13 @@ functions, not a second pipeline. ``params.yaml`` with an ``--overrides`` YAML m
 command-line settings (``--epochs``, ``--image-size``, ``--max-minutes``, ``--device``) is validated
 whole (every variant asked for, through the config dataclasses) before any work; then
 
-1. the manifest store, built by :func:`lggseg.manifest.build_manifest` (the ``manifest`` stage's
+1. the manifest store, built by :func:`lggseg.data.manifest.build_manifest` (the ``manifest`` stage's
    function) in a work folder outside ``DIR`` (``--work``; a temporary folder by default);
-2. every seed of every variant trained at once by :func:`lggseg.concurrent.train_variants`, the
+2. every seed of every variant trained at once by :func:`lggseg.training.concurrent.train_variants`, the
    variants' steps in turns, sharing the store and the device-resident data (``train.max_minutes``
    is one budget for all, see there);
 3. as soon as all seeds of a variant have finished, its test evaluation by
-   :func:`lggseg.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
+   :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
    rewritten with that variant's results added.
 
 ``DIR`` holds the :data:`FILES` below, seven files whatever the number of variants, each written
@@ -32,8 +32,8 @@ atomically (files shared by several variants gain a ``variant`` column or key):
   training stopped, wall time and images/s; the images/s of all variants together;
 * ``components.csv``: the store's ground-truth components (the report's dataset section).
 
-``lggseg report DIR`` (:func:`build_folder_report`, :func:`lggseg.report.main`) then writes ``DIR/tables.md`` and the figures in
-``DIR/plots/`` through :func:`lggseg.report.write_report`, the function the report stage ends in;
+``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.report.main`) then writes ``DIR/tables.md`` and the figures in
+``DIR/plots/`` through :func:`lggseg.reporting.report.write_report`, the function the report stage ends in;
 Figures 7 and 8 are drawn when the variants they compare are in the folder.
 
 Bad input (a missing raw folder, an unknown variant, a bad override) is one line on stderr and exit
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import shlex
 import shutil
@@ -62,23 +61,14 @@ import pandas as pd
 from lggseg.config import ConfigError, RunConfig, deep_merge, load_section, read_params, validate_all
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
+from lggseg.reporting.folder import (
+    _PER_VARIANT,
+    _SEP,
+    _SHARED_FIGURE_KEYS,
+    FILES,
+)
 
 log = logging.getLogger(__name__)
-
-FILES = {
-    "params": "params.yaml",
-    "metrics": "metrics.json",
-    "slices": "slices.csv",
-    "figures": "figure_slices.npz",
-    "training": "training.csv",
-    "environment": "environment.json",
-    "components": "components.csv",
-}
-"""What ``lggseg reproduce`` writes into its output folder (kind -> file name)."""
-
-_SHARED_FIGURE_KEYS = ("ids", "rows", "image", "truth", "threshold", "min_area", "selection")
-_PER_VARIANT = ("prob", "prob_seed")
-_SEP = "__"  # prob__<variant>: variant names are identifiers
 
 
 # --------------------------------------------------------------------------- parameters
@@ -189,7 +179,7 @@ def _variant_record(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _device_record(device: Any) -> dict[str, Any]:
     import torch
 
-    from lggseg.hardware import cpu_name, software_versions
+    from lggseg.runtime import cpu_name, software_versions
 
     record: dict[str, Any] = {"type": device.type, "cpu": cpu_name(), "software": software_versions()}
     if device.type == "cuda":
@@ -232,10 +222,10 @@ def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs:
 
 def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig], work: Path,
                command: str | None) -> dict[str, Any]:
-    from lggseg.concurrent import train_variants
-    from lggseg.evaluate import evaluate_model
-    from lggseg.hardware import git_commit, resolve_device
-    from lggseg.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.evaluation.evaluate import evaluate_model
+    from lggseg.runtime import git_commit, resolve_device
+    from lggseg.training.concurrent import train_variants
 
     t_start = time.perf_counter()
     common, manifest_cfg = load_section("common", params), load_section("manifest", params)
@@ -311,77 +301,6 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
 
 
 # --------------------------------------------------------------------------- the report of a folder
-
-
-def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
-    """``{variant: FigureSlices}`` of the variants in ``figure_slices.npz`` among ``variants``."""
-    from lggseg.report import check_figure_slices
-
-    if not path.is_file():
-        raise DataError(f"{path}: figure slices not found (written by lggseg reproduce)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file: {exc}") from None
-    missing = [k for k in ("ids", "image", "truth") if k not in arrays]
-    if missing:
-        raise DataError(f"{path}: missing array(s) {missing}; has {sorted(arrays)}")
-    return {v: check_figure_slices(arrays["ids"], arrays["image"], arrays["truth"], arrays[f"prob{_SEP}{v}"], path)
-            for v in variants if f"prob{_SEP}{v}" in arrays}
-
-
-def build_folder_report(folder: str | Path, tables: str | Path | None = None, plots: str | Path | None = None) -> Path:
-    """``tables.md`` (default ``folder/tables.md``) and the figures (default ``folder/plots/``) of a
-    ``lggseg reproduce`` folder, by :func:`lggseg.report.write_report`; returns the tables' path."""
-    from lggseg.config import resolve_variant
-    from lggseg.report import (
-        DataSource,
-        ReportSources,
-        Result,
-        check_metrics,
-        figure7_variants,
-        figure8_variants,
-        load_components,
-    )
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (written by lggseg reproduce)")
-    tables = Path(tables) if tables is not None else folder / "tables.md"
-    plots = Path(plots) if plots is not None else folder / "plots"
-    params = read_params(folder / FILES["params"])
-    metrics_path, env_path = folder / FILES["metrics"], folder / FILES["environment"]
-    for path in (metrics_path, env_path):
-        if not path.is_file():
-            raise DataError(f"{path}: not found (written by lggseg reproduce once a variant has finished)")
-    try:
-        metrics, env = json.loads(metrics_path.read_text()), json.loads(env_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{metrics_path} or {env_path}: not valid JSON: {exc}") from None
-    if not isinstance(metrics, Mapping) or not metrics:
-        raise DataError(f"{metrics_path}: holds no variant's metrics")
-    results = [Result(v, resolve_variant(params, v), check_metrics(m, f"{metrics_path}[{v}]")) for v, m in metrics.items()]
-    data = env.get("data") or {}
-    fp = (data.get("fingerprint") or {}).get("sha256")
-    source = DataSource(str(data.get("source") or "unknown"),
-                        f"`{env_path.as_posix()}`: raw={data.get('raw')}, fingerprint={fp[:12] + '...' if fp else None}")
-    components = load_components(folder / FILES["components"])
-    slices = load_folder_figures(folder / FILES["figures"], [r.name for r in results])
-    missing: dict[str, str] = {}
-    figs: dict[str, Any] = {}
-    for key, pick in (("figure7", figure7_variants), ("figure8", figure8_variants)):
-        try:
-            figs[key] = pick(results)
-        except ConfigError as exc:
-            figs[key], missing[key] = None, str(exc).removeprefix("report: ")
-    where = ReportSources(folder / FILES["figures"], folder / FILES["components"], env_path, data.get("summary"),
-                          figure9=False)
-    from lggseg.report import write_report
-
-    write_report(params, results, source, components, slices, tables, plots, where=where, fig7=figs["figure7"],
-                 fig8=figs["figure8"], missing=missing)
-    return tables
 
 
 # --------------------------------------------------------------------------- command line

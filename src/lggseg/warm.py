@@ -43,8 +43,9 @@ from pathlib import Path
 
 ENV_SOCKET = "LGGSEG_WARM_SOCKET"
 # Libraries the stages import; loading them is what a warm start saves.
-PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "lggseg.train", "lggseg.evaluate", "lggseg.models",
-           "lggseg.losses", "lggseg.manifest", "lggseg.dataset", "lggseg.outlier_study", "lggseg.report")
+PRELOAD = ("torch", "timm", "segmentation_models_pytorch", "lggseg.training.trainer", "lggseg.evaluation.evaluate",
+           "lggseg.inference", "lggseg.models", "lggseg.losses", "lggseg.data.manifest", "lggseg.data.dataset",
+           "lggseg.reporting.outlier_study", "lggseg.reporting.report")
 # Environment read when those libraries load (OpenMP/MKL thread pools, CUDA, allocator, Python): a
 # client whose values differ from the server's runs cold, since a warm child would silently keep the
 # server's.

@@ -34,8 +34,8 @@ import yaml
 from lggseg import warm
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
 from lggseg.errors import LggsegError
+from lggseg.evaluation.metrics import HEADLINE_KEYS
 from lggseg.io import write_json, write_text
-from lggseg.metrics import HEADLINE_KEYS
 
 # Results of the real pipeline: never mirrored into the demo, which makes its own.
 _NOT_MIRRORED = ("dvc.lock", "metrics/", "plots/", "params.yaml", "demo/", "results/")

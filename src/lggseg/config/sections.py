@@ -236,7 +236,7 @@ class AugmentConfig:
     extra: bool = False  # flips and small affine transforms; not in the paper
     # Not in the paper: with this probability a slice is shown as if pre-contrast, post-contrast or both
     # had not been acquired, encoded the way the Kaggle data encodes a missing sequence (a copy of FLAIR;
-    # 8 of the 94 cases in our copy). See lggseg.dataset.MISSING_SEQUENCE_PATTERNS.
+    # 8 of the 94 cases in our copy). See lggseg.data.dataset.MISSING_SEQUENCE_PATTERNS.
     missing_sequence_p: float = 0.0
 
     def __post_init__(self) -> None:
@@ -258,13 +258,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_workers: int = 4
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
-    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.train.step_setup)
+    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.training.trainer.step_setup)
     compile: bool = False  # torch.compile on CUDA
     cpu_threads: int = 0  # 0: leave torch's default
     log_every: int = 20  # steps between host syncs for logging
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Not in the paper (constant lr 1e-3): a cosine decay to 0 over the planned steps, after a linear
-    # warm-up of ``warmup_epochs`` (may be fractional). See lggseg.train.lr_factor.
+    # warm-up of ``warmup_epochs`` (may be fractional). See lggseg.training.trainer.lr_factor.
     lr_schedule: str = "constant"  # constant | cosine
     warmup_epochs: float = 0.0
     # Wall-clock budget of training (validation included), checked at epoch boundaries: the run stops
@@ -273,7 +273,7 @@ class TrainConfig:
     max_minutes: float | None = None
     # Share of the tumour-free train slices drawn (afresh) each epoch; every tumour slice is always in.
     empty_slice_fraction: float = 1.0
-    # Where batches come from (lggseg.resident): ``loader`` = DataLoader workers + albumentations on the CPU;
+    # Where batches come from (lggseg.data.resident): ``loader`` = DataLoader workers + albumentations on the CPU;
     # ``resident`` = the split on the training device, augmented there; ``auto`` = resident on CUDA when the
     # split fits comfortably in free device memory, else the loader. The two draw different random streams.
     data_path: str = "auto"  # auto | loader | resident

@@ -1,0 +1,147 @@
+"""params.yaml sections load into validated dataclasses; nonsense is rejected before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lggseg.config import (
+    ConfigError,
+    LossConfig,
+    deep_merge,
+    load_section,
+    read_params,
+    resolve_variant,
+    run_config_from_dict,
+    validate_all,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_params_validate():
+    runs = validate_all(read_params(REPO / "params.yaml"))
+    assert "regnet_attr_bce_dice_outlier" in runs
+    assert runs["regnet_attr_bce_dice_outlier"].loss.terms == ("bce", "dice", "outlier")
+    assert runs["regnet_bce"].model.attributes is False
+
+
+def test_demo_overrides_validate():
+    merged = deep_merge(read_params(REPO / "params.yaml"), read_params(REPO / "params.demo.yaml"))
+    runs = validate_all(merged)
+    assert all(r.common.image_size == 64 for r in runs.values())
+    assert load_section("fetch", merged).kind == "demo"
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("loss", {"i": 21, "j": 7}, "smaller than loss.j"),
+        ("loss", {"i": 7, "j": 7}, "smaller than loss.j"),
+        ("loss", {"i": 6}, "odd"),
+        ("loss", {"j": 20}, "odd"),
+        ("loss", {"i": 0}, "positive odd"),
+        ("loss", {"i": -3}, "positive odd"),
+        ("loss", {"alpha": -1.0}, "non-negative"),
+        ("loss", {"gamma": float("nan")}, "loss.gamma must be a number"),
+        ("loss", {"terms": ["bce", "focal"]}, "unknown term"),
+        ("loss", {"terms": ["bce"], "alpha": 0.0}, "constant"),
+        ("loss", {"threshold_rounding": "round"}, "floor or ceil"),
+        ("loss", {"terms": ["bce", "outlier"], "i": 7, "j": 9}, "must exceed the eq. 8 threshold"),
+        ("manifest", {"split_fractions": [0.7, 0.2, 0.2]}, "sum to 1"),
+        ("manifest", {"split_fractions": [0.8, 0.2]}, "3 positive"),
+        ("manifest", {"split_unit": "case"}, "patient or slice"),
+        ("common", {"image_size": 250}, "multiple of 16"),
+        ("common", {"image_size": 0}, "multiple of 16"),
+        ("common", {"device": "tpu"}, "auto, cpu or cuda"),
+        ("train", {"epochs": 0}, "positive"),
+        ("train", {"lr": 0}, "positive"),
+        ("train", {"batch_size": 2.5}, "integer"),
+        ("train", {"augment": {"channel_dropout_p": 1.5}}, "probability"),
+        ("train", {"data_path": "gpu"}, "train.data_path must be one of"),
+        ("train", {"checkpoint_every": 0}, "train.checkpoint_every must be a positive integer"),
+        ("train", {"checkpoint_every": 1.5}, "integer"),
+        ("train", {"fused_adam": "yes"}, "train.fused_adam must be true or false"),
+        ("postprocess", {"min_area": -1}, ">= 0"),
+        ("evaluate", {"threshold": 1.0}, "(0, 1)"),
+        ("model", {"arch": "fpn"}, "model.arch"),
+        ("model", {"atrous_rates": [6, 12]}, "three positive"),
+        ("model", {"arch": "unet", "attributes": True}, "needs arch deeplabv3plus"),
+        ("common", {"sed": 1}, "unknown key"),
+    ],
+)
+def test_nonsense_is_rejected(section, values, message):
+    params = read_params(REPO / "params.yaml")
+    params[section] = deep_merge(params.get(section) or {}, values)
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        load_section(section, params)
+
+
+@pytest.mark.parametrize(("i", "rounding", "expected"), [(7, "ceil", 33), (7, "floor", 40), (5, "ceil", 16), (5, "floor", 21)])
+def test_outlier_threshold_eq8(i, rounding, expected):
+    assert LossConfig(terms=("outlier",), i=i, j=21, threshold_rounding=rounding).threshold == expected
+
+
+@pytest.mark.parametrize(
+    ("warmup", "ramp", "epoch", "expected"),
+    [(0, 0, 0, 1.0), (2, 0, 1, 0.0), (2, 0, 2, 1.0), (1, 4, 0, 0.0), (1, 4, 1, 0.25), (1, 4, 4, 1.0), (1, 4, 9, 1.0)],
+)
+def test_gamma_schedule(warmup, ramp, epoch, expected):
+    cfg = LossConfig(terms=("bce", "outlier"), gamma=1.0, gamma_warmup_epochs=warmup, gamma_ramp_epochs=ramp)
+    assert cfg.gamma_at(epoch) == pytest.approx(expected)
+
+
+def test_variant_overrides_merge_and_roundtrip():
+    params = read_params(REPO / "params.yaml")
+    run = resolve_variant(params, "regnet_attr_bce_dice_isolated")
+    assert run.loss.outlier_mode == "isolated_bce"
+    assert run.loss.i == params["loss"]["i"]
+    assert run_config_from_dict(run.to_dict()) == run
+
+
+def test_unknown_variant_and_keys():
+    params = read_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown variant"):
+        resolve_variant(params, "nope")
+    params["variants"]["bad"] = {"modle": {}}
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve_variant(params, "bad")
+
+
+def test_read_params_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        read_params(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_params(tmp_path / "bad.yaml")
+
+
+# --------------------------------------------------------------------------- defaults = params.yaml (issue #12)
+
+
+def test_dataclass_defaults_equal_params_yaml():
+    """Each section's dataclass defaults are params.yaml's values, and params.yaml names every key."""
+    import dataclasses
+
+    from lggseg.config import SECTIONS, load_section, read_params
+
+    params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    for name, cls in SECTIONS.items():
+        assert set(params[name]) == {f.name for f in dataclasses.fields(cls)}, name
+        assert load_section(name, params) == cls(), name
+
+
+def test_the_papers_seven_is_loss_i_and_the_rest_derives_from_it():
+    from lggseg.config import EvaluateConfig, LossConfig, PostprocessConfig, load_section, read_params
+
+    params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    assert params["postprocess"]["min_area"] is None and params["evaluate"]["noise_side"] is None
+    assert LossConfig().i == 7 and PostprocessConfig().min_area == 49 and EvaluateConfig().noise_side == 7
+    nine = {**params, "loss": {**params["loss"], "i": 9, "j": 23}}
+    assert load_section("postprocess", nine).min_area == 81 and load_section("evaluate", nine).noise_side == 9
+    explicit = {**nine, "postprocess": {"min_area": 49}}  # an explicit value wins (params.laptop.yaml)
+    assert load_section("postprocess", explicit).min_area == 49
+    for text in ("plotting.py", "report.py", "evaluate.py"):  # no restated 7 or 49 in the code that uses them
+        src = next((Path(__file__).resolve().parents[2] / "src" / "lggseg").rglob(text)).read_text()
+        assert "SMALL_SIDE" not in src and "= 49" not in src, text

@@ -1,0 +1,165 @@
+"""lggseg.runtime: one reading of ``common.device`` for every stage, honest about an unusable GPU."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+import lggseg.runtime as H
+from lggseg.config import ConfigError
+
+NVIDIA_PROC = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """torch cannot use CUDA (its build says CUDA 12.4); the NVIDIA driver detection is set per test."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+
+
+def test_train_evaluate_and_bench_share_one_implementation():
+    import lggseg.bench.run as B
+    import lggseg.evaluation.evaluate as E
+    import lggseg.training.trainer as T
+
+    assert T.resolve_device is H.resolve_device and E.resolve_device is H.resolve_device
+    assert B.resolve_device is H.resolve_device
+
+
+def test_there_is_one_resolve_device_in_the_package():
+    """No module defines a device rule of its own (issue #12): one ``def resolve_device`` in the package."""
+    from pathlib import Path
+
+    src = Path(H.__file__).resolve().parent
+    found = [p for p in src.rglob("*.py") if "def resolve_device(" in p.read_text()]
+    assert found == [Path(H.__file__).resolve()]
+
+
+def test_indexed_cuda_gets_the_current_index(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert H.resolve_device("cuda", indexed=True) == torch.device("cuda", 0)
+    assert H.resolve_device("cpu", indexed=True) == torch.device("cpu")
+    assert H.resolve_device(torch.device("cuda"), indexed=True) == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (NVIDIA_PROC, "driver 535.104.05"),
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build\n", "driver 550.54.15"),
+    ("something else\n", "present"),
+])
+def test_nvidia_driver_reads_the_kernel_module_version(monkeypatch, tmp_path, text, expected):
+    path = tmp_path / "version"
+    path.write_text(text)
+    monkeypatch.setattr(H, "_NVIDIA_VERSION", path)
+    assert H.nvidia_driver() == expected
+
+
+def test_no_driver_file_and_no_nvidia_smi_is_none(monkeypatch, tmp_path):
+    monkeypatch.setattr(H, "_NVIDIA_VERSION", tmp_path / "absent")
+    monkeypatch.setattr(H.shutil, "which", lambda name: None)
+    assert H.nvidia_driver() is None
+    monkeypatch.setattr(H.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert H.nvidia_driver() == "present (nvidia-smi on PATH)"
+
+
+def test_cpu_is_taken_as_asked_without_a_note(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with a GPU
+    with caplog.at_level(logging.INFO, logger="lggseg.runtime"):
+        assert H.resolve_device("cpu") == torch.device("cpu")
+    assert caplog.records == []
+
+
+def test_auto_logs_the_cpu_it_chose(monkeypatch, no_cuda, caplog):
+    monkeypatch.setattr(H, "nvidia_driver", lambda: None)
+    with caplog.at_level(logging.INFO, logger="lggseg.runtime"):
+        assert H.resolve_device("auto") == torch.device("cpu")
+    (rec,) = caplog.records
+    assert rec.levelno == logging.INFO and rec.getMessage().startswith("device: cpu (common.device: auto;")
+    assert "no NVIDIA driver found" in rec.getMessage()
+
+
+def test_auto_logs_the_gpu_it_chose(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    with caplog.at_level(logging.INFO, logger="lggseg.runtime"):
+        assert H.resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+        assert H.resolve_device("cuda") == torch.device("cuda")
+    assert [r.getMessage() for r in caplog.records] == [
+        "device: cuda:1 (NVIDIA H200, common.device: auto)", "device: cuda (NVIDIA H200, common.device: cuda)"]
+
+
+def test_auto_with_an_unusable_nvidia_gpu_warns_why_and_falls_back(monkeypatch, no_cuda, caplog):
+    monkeypatch.setattr(H, "nvidia_driver", lambda: "driver 535.104.05")
+    with caplog.at_level(logging.INFO, logger="lggseg.runtime"):
+        assert H.resolve_device("auto") == torch.device("cpu")
+    (rec,) = caplog.records
+    msg = rec.getMessage()
+    assert rec.levelno == logging.WARNING and "\n" not in msg
+    assert msg.startswith("device: cpu, although an NVIDIA GPU is present:")
+    assert "built for CUDA 12.4" in msg and "NVIDIA driver 535.104.05" in msg and msg.endswith("falling back to the CPU")
+
+
+def test_a_cpu_only_torch_beside_a_gpu_says_so(monkeypatch, no_cuda):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(H, "nvidia_driver", lambda: "driver 535.104.05")
+    assert "is a CPU-only build while an NVIDIA GPU is present" in H.cuda_unusable_reason()
+
+
+def test_cuda_without_cuda_is_a_one_line_config_error(monkeypatch, no_cuda):
+    monkeypatch.setattr(H, "nvidia_driver", lambda: "driver 535.104.05")
+    with pytest.raises(ConfigError) as err:
+        H.resolve_device("cuda")
+    msg = str(err.value)
+    assert msg.startswith("common.device is 'cuda' but CUDA is unusable: torch") and "\n" not in msg
+    assert "CUDA 12.4" in msg and "535.104.05" in msg
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:0", ""])
+def test_unknown_device_names_are_config_errors(name):
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda"):
+        H.resolve_device(name)
+
+
+def test_a_device_is_returned_as_given():
+    assert H.resolve_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+
+
+def test_machine_facts_of_a_cpu(monkeypatch):
+    monkeypatch.setattr(H, "cpu_name", lambda: "AMD EPYC 9654")
+    monkeypatch.setattr(H, "cpu_bf16", lambda: {"supported": True, "native": True})
+    assert H.machine_facts(torch.device("cpu"), bf16=True) == {
+        "device": "cpu", "device_name": "AMD EPYC 9654", "cpu_name": "AMD EPYC 9654", "cpu_native_bf16": True,
+        "bf16_autocast": True, "precision": "bf16 autocast"}
+    assert H.machine_facts(torch.device("cpu"), bf16=False)["precision"] == "float32"
+
+
+def test_software_versions_name_the_libraries():
+    v = H.software_versions()
+    assert v["torch"] == torch.__version__ and set(v) == {"python", "torch", "torch_cuda", "timm",
+                                                          "segmentation_models_pytorch"}
+
+
+def test_git_commit_is_none_outside_a_repository(tmp_path, monkeypatch):
+    import subprocess
+
+    assert H.git_commit(tmp_path) is None
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert H.git_commit(tmp_path) is None  # a repository without a commit
+    monkeypatch.setattr(H.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert H.git_commit() is None
+
+
+def test_git_commit_of_a_repository(tmp_path):
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", head) and H.git_commit(tmp_path) == head
