@@ -26,14 +26,15 @@ TINY = {
     "evaluate": {"bootstrap_samples": 100},
 }
 
-# Imported first by the child (PYTHONPATH): albumentations and dvclive cannot be imported, and every
+# Imported first by the child (PYTHONPATH): albumentations, dvclive and OpenCV (which comes with
+# albumentations) cannot be imported, and every
 # attempt is reported on stderr (dvclive's is expected: the logger falls back to its own files).
 BLOCKER = '''
 import sys
 
 class _Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("albumentations", "dvclive"):
+        if name.split(".")[0] in ("albumentations", "dvclive", "cv2"):
             print(f"blocked import: {name}", file=sys.stderr)
             raise ImportError(f"{name} is blocked in this test")
         return None
@@ -123,6 +124,7 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "blocked import: albumentations" not in res.stderr
     assert "blocked import: dvclive" in res.stderr  # tried once per run, and fell back to its own log files
+    assert "blocked import: cv2" in res.stderr  # evaluation at 64 px tried OpenCV, then resized with torch
     assert all(f"{v}: test Dice slice mean" in res.stdout for v in VARIANTS)
 
     files = sorted(p.name for p in out.iterdir())

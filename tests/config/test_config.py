@@ -126,9 +126,15 @@ def test_dataclass_defaults_equal_params_yaml():
 
     from lggseg.config import SECTIONS, load_section, read_params
 
+    def keys_match(data, cls, where):
+        assert set(data) == {f.name for f in dataclasses.fields(cls)}, where
+        for f in dataclasses.fields(cls):  # nested sections (train.augment)
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                keys_match(data[f.name], f.default_factory, f"{where}.{f.name}")
+
     params = read_params(Path(__file__).resolve().parents[2] / "params.yaml")
     for name, cls in SECTIONS.items():
-        assert set(params[name]) == {f.name for f in dataclasses.fields(cls)}, name
+        keys_match(params[name], cls, name)
         assert load_section(name, params) == cls(), name
 
 

@@ -296,3 +296,21 @@ def test_missing_sequence_in_training_items():
     assert len(seen) == 3  # every pattern occurs over 36 draws
     with pytest.raises(Exception, match="missing_sequence_p"):
         AugmentConfig(missing_sequence_p=1.5)
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+def test_resize_without_opencv_gives_opencvs_pixels(size, monkeypatch):
+    """A lean environment (no albumentations, so no OpenCV) resizes with torch and gets the same slices."""
+    import sys
+
+    from lggseg.data.dataset import resize_pair
+
+    pytest.importorskip("cv2")
+    store = _store()
+    with_cv2 = [resize_pair(np.asarray(store.images[i]), np.asarray(store.masks[i]), size) for i in range(N)]
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    for i, (image, mask) in enumerate(with_cv2):
+        got_image, got_mask = resize_pair(np.asarray(store.images[i]), np.asarray(store.masks[i]), size)
+        assert got_image.dtype == np.uint8 and got_image.shape == (size, size, 3)
+        np.testing.assert_array_equal(got_image, image)
+        np.testing.assert_array_equal(got_mask, mask)

@@ -491,8 +491,9 @@ def test_auto_data_path_keeps_the_loader_on_cpu(trained):
 
 
 def test_checkpoint_every_and_resume(store_dir, tmp_path, monkeypatch):
-    """checkpoint_every 2 over 3 epochs: commits after epochs 2 and 3 (the last); a run that dies in
-    epoch 3 resumes from epoch 2 and ends with the weights of the uninterrupted run."""
+    """checkpoint_every 2 over 4 epochs: commits after epoch 2 only (after the last, epoch 4, the model is
+    the commit); a run that dies in epoch 3 resumes from epoch 2 and ends with the weights of the
+    uninterrupted run."""
     import lggseg.training.trainer as T
 
     saved = []
@@ -503,9 +504,9 @@ def test_checkpoint_every_and_resume(store_dir, tmp_path, monkeypatch):
         return save(self, rec, tensors, best)
 
     monkeypatch.setattr(T.Checkpoint, "save", record)
-    run = tiny_run(3, checkpoint_every=2)
+    run = tiny_run(4, checkpoint_every=2)
     ref = train_variant(run, store_dir, tmp_path / "ref", SEED)
-    assert [e for e, _ in saved] == [2, 3]
+    assert [e for e, _ in saved] == [2]
     assert saved[0][1]  # the first commit carries the best weights found so far
 
     class Died(Exception):
@@ -529,14 +530,18 @@ def test_checkpoint_every_and_resume(store_dir, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_time_budget_stop_writes_a_checkpoint(store_dir, tmp_path, monkeypatch):
+def test_last_epoch_is_committed_by_the_model_not_a_checkpoint(store_dir, tmp_path, monkeypatch):
+    """Neither a completed run nor one stopped by the time budget writes a checkpoint after its last
+    epoch (it would be removed with the model's commit a moment later); the model holds that epoch."""
     import lggseg.training.trainer as T
 
     saved = []
     monkeypatch.setattr(T.Checkpoint, "save", lambda self, rec, tensors, best: saved.append(rec["epoch"]) or rec["files"])
-    monkeypatch.setattr(T.Checkpoint, "remove", lambda self: None)
-    result = train_variant(tiny_run(3, checkpoint_every=5, max_minutes=1e-6), store_dir, tmp_path / "b", SEED)
-    assert result["epochs_done"] == 1 and saved == [1]  # stopped by the budget: the last epoch is committed
+    result = train_variant(tiny_run(3, checkpoint_every=1, max_minutes=1e-6), store_dir, tmp_path / "b", SEED)
+    assert result["epochs_done"] == 1 and saved == []  # stopped by the budget after epoch 1
+    assert (tmp_path / "b" / "model.safetensors").is_file() and not (tmp_path / "b" / CHECKPOINT_DIR).exists()
+    result = train_variant(tiny_run(2, checkpoint_every=1), store_dir, tmp_path / "c", SEED)
+    assert result["epochs_done"] == 2 and saved == [1]  # every epoch but the last
 
 
 LEAN = """

@@ -277,7 +277,7 @@ class TrainConfig:
     # ``resident`` = the split on the training device, augmented there; ``auto`` = resident on CUDA when the
     # split fits comfortably in free device memory, else the loader. The two draw different random streams.
     data_path: str = "auto"  # auto | loader | resident
-    # The resumable checkpoint is written every N epochs and after the last epoch of the run.
+    # The resumable checkpoint is written every N epochs (not after the run's last: the model is written then).
     checkpoint_every: int = 1
     # torch's fused Adam (one kernel over all parameters) instead of the default multi-tensor one: the
     # same update, rounded differently. On CPU at 64 px the update of a 50-90M-parameter encoder took

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from lggseg.config import AugmentConfig
@@ -41,14 +42,57 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to ``size`` x ``size``: area averaging for the image, nearest neighbour so the mask stays binary."""
+    """Resize to ``size`` x ``size``: area averaging for the image, nearest neighbour so the mask stays binary.
+
+    With OpenCV (installed with albumentations) ``cv2.resize``; without it (a lean environment:
+    the device-resident path and evaluation need neither) :func:`resize_images` / :func:`resize_masks`,
+    which give OpenCV's pixels when downscaling (``tests/test_resident.py`` compares them).
+    """
     if image.shape[0] == size and image.shape[1] == size:
         return image, mask
-    import cv2  # here, not at the top: training on the device-resident path never needs OpenCV
-
+    try:
+        import cv2  # here, not at the top: see above
+    except ImportError:
+        return (resize_images(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0].numpy(),
+                resize_masks(torch.from_numpy(np.ascontiguousarray(mask))[None], size)[0].numpy())
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
     return image, mask
+
+
+def area_weights(src: int, dst: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(dst, src)`` float32 matrix of ``cv2.INTER_AREA`` downscaling: the share of each source pixel in each target pixel."""
+    scale = src / dst
+    i = torch.arange(dst, dtype=torch.float64)[:, None]
+    j = torch.arange(src, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum((i + 1) * scale, j + 1) - torch.maximum(i * scale, j)).clamp_min(0)
+    return (overlap / scale).to(device=device, dtype=torch.float32)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, size, size, 3)`` as ``cv2.resize(..., INTER_AREA)`` (downscaling).
+
+    Upscaling (a size above the stored one) is bilinear, which is close to but not OpenCV's area upscaling.
+    """
+    n, h, w, _ = images.shape
+    if h == size and w == size:
+        return images
+    x = images.permute(0, 3, 1, 2).float()
+    if size > h or size > w:
+        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).round()
+    else:
+        wy, wx = area_weights(h, size, images.device), area_weights(w, size, images.device)
+        out = wy @ x @ wx.T
+        # OpenCV's factor-2 path rounds half up ((a+b+c+d+2)>>2); its general path rounds half to even.
+        out = torch.floor(out + 0.5) if (h == 2 * size and w == 2 * size) else out.round()
+    return out.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` -> ``(N, size, size)``, nearest neighbour (the pixels ``cv2.INTER_NEAREST`` picks)."""
+    if masks.shape[1] == size and masks.shape[2] == size:
+        return masks
+    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
 
 
 # The Kaggle LGG images are (pre-contrast, FLAIR, post-contrast); a sequence that was not acquired is

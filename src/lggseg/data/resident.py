@@ -55,7 +55,14 @@ import torch
 import torch.nn.functional as F
 
 from lggseg.config import AugmentConfig
-from lggseg.data.dataset import IMAGENET_MEAN, IMAGENET_STD, MISSING_SEQUENCE_PATTERNS
+from lggseg.data.dataset import (  # noqa: F401 (area_weights: re-exported)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MISSING_SEQUENCE_PATTERNS,
+    area_weights,
+    resize_images,
+    resize_masks,
+)
 from lggseg.errors import DataError
 
 # A split is made resident under data_path auto only if it takes at most this share of the free
@@ -91,41 +98,6 @@ def fits_device(n: int, image_size: int, n_attributes: int, device: torch.device
 
 
 # --------------------------------------------------------------------------- resizing (load time)
-
-
-def area_weights(src: int, dst: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(dst, src)`` float32 matrix of ``cv2.INTER_AREA`` downscaling: the share of each source pixel in each target pixel."""
-    scale = src / dst
-    i = torch.arange(dst, dtype=torch.float64)[:, None]
-    j = torch.arange(src, dtype=torch.float64)[None, :]
-    overlap = (torch.minimum((i + 1) * scale, j + 1) - torch.maximum(i * scale, j)).clamp_min(0)
-    return (overlap / scale).to(device=device, dtype=torch.float32)
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, size, size, 3)`` as ``cv2.resize(..., INTER_AREA)`` (downscaling).
-
-    Upscaling (a size above the stored one) is bilinear, which is close to but not OpenCV's area upscaling.
-    """
-    n, h, w, _ = images.shape
-    if h == size and w == size:
-        return images
-    x = images.permute(0, 3, 1, 2).float()
-    if size > h or size > w:
-        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).round()
-    else:
-        wy, wx = area_weights(h, size, images.device), area_weights(w, size, images.device)
-        out = wy @ x @ wx.T
-        # OpenCV's factor-2 path rounds half up ((a+b+c+d+2)>>2); its general path rounds half to even.
-        out = torch.floor(out + 0.5) if (h == 2 * size and w == 2 * size) else out.round()
-    return out.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` -> ``(N, size, size)``, nearest neighbour (the pixels ``cv2.INTER_NEAREST`` picks)."""
-    if masks.shape[1] == size and masks.shape[2] == size:
-        return masks
-    return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- augmentation (per batch)
