@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config)
         if run.variant != args.variant:
             raise ConfigError(f"{args.config} is the config of variant {run.variant!r}, not {args.variant!r}")
-        from lggseg.training.trainer import shutdown_distributed, train_all_seeds
+        from lggseg.runtime import shutdown_distributed
+        from lggseg.training.session import train_all_seeds
 
         try:
             summary = train_all_seeds(run, args.data, args.out, resume=args.resume)

@@ -74,7 +74,7 @@ def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
 def run_arm(name: str, params: Mapping[str, Any], variant: str, store_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train and score one arm; returns its ablation row."""
     from lggseg.evaluation.evaluate import evaluate_model
-    from lggseg.training.trainer import train_variant
+    from lggseg.training.session import train_variant
 
     run = resolve_variant(params, variant)
     cfg, post = load_section("evaluate", params), load_section("postprocess", params)

@@ -80,7 +80,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
     from lggseg.inference import infer_probabilities
     from lggseg.losses import CompoundLoss
     from lggseg.models import build_model
-    from lggseg.training.trainer import adam, applied, step_setup, train_step
+    from lggseg.training.step import adam, applied, step_setup, train_step
 
     cuda = device.type == "cuda"
     setup = step_setup(run.train, device)

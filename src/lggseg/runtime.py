@@ -21,12 +21,14 @@ import platform
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from lggseg.config import ConfigError
+from lggseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,9 @@ def software_versions() -> dict[str, str | None]:
 
     out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                   "torch_cuda": torch.version.cuda}
-    for key, dist in (("timm", "timm"), ("segmentation_models_pytorch", "segmentation-models-pytorch")):
+    for key, dist_name in (("timm", "timm"), ("segmentation_models_pytorch", "segmentation-models-pytorch")):
         try:
-            out[key] = metadata.version(dist)
+            out[key] = metadata.version(dist_name)
         except metadata.PackageNotFoundError:
             out[key] = None
     return out
@@ -189,3 +191,55 @@ def machine_record() -> dict[str, Any]:
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "software": software_versions(),
     }
+
+
+# --------------------------------------------------------------------------- distributed training (torchrun)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes (env RANK/WORLD_SIZE/LOCAL_RANK), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group joined by :func:`init_distributed` (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def _all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

@@ -15,7 +15,7 @@ from test_train import SEED, tiny_run
 from lggseg.config import ConfigError
 from lggseg.errors import TrainingError
 from lggseg.training.concurrent import RandomState, train_variants
-from lggseg.training.trainer import train_variant
+from lggseg.training.session import train_variant
 
 CPU = torch.device("cpu")
 

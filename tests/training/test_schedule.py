@@ -12,7 +12,8 @@ from test_train import SEED, tiny_run
 
 import lggseg.training.trainer as train_mod
 from lggseg.config import ConfigError, TrainConfig
-from lggseg.training.trainer import lr_factor, train_variant
+from lggseg.training.session import train_variant
+from lggseg.training.step import lr_factor
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -138,7 +139,7 @@ def test_the_cosine_schedule_is_applied_per_step(store_dir, tmp_path):
 
 
 def test_budget_and_schedule_are_part_of_the_run_identity(store_dir):
-    from lggseg.training.trainer import _store_fingerprint, run_fingerprint
+    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
 
     data = _store_fingerprint(store_dir)
     base = run_fingerprint(tiny_run(), SEED, data)

@@ -28,19 +28,16 @@ from lggseg.config import (
 )
 from lggseg.data.manifest import build_manifest, load_store
 from lggseg.data.synthetic import generate_demo
-from lggseg.training.trainer import (
+from lggseg.training.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     _flatten_optimizer,
-    _slice_dice_sums,
     _unflatten_optimizer,
-    applied,
     run_fingerprint,
-    step_setup,
-    train_all_seeds,
-    train_step,
-    train_variant,
 )
+from lggseg.training.session import train_all_seeds, train_variant
+from lggseg.training.step import applied, step_setup, train_step
+from lggseg.training.trainer import _slice_dice_sums
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 5
@@ -133,7 +130,7 @@ def test_fingerprint_holds_device_type_and_precision():
 
 def test_train_variant_keys_results_by_device_and_precision(trained, store_dir, monkeypatch):
     """The stored result was made on the CPU in float32; a bf16 set-up of the same config must not take it."""
-    import lggseg.training.trainer as T
+    import lggseg.training.session as T
 
     out, result = trained
     assert result["fingerprint"] == run_fingerprint(tiny_run(), SEED, T._store_fingerprint(store_dir), "cpu", False)
@@ -153,7 +150,7 @@ def test_train_variant_keys_results_by_device_and_precision(trained, store_dir, 
 
 def test_a_resplit_store_is_not_resumed(store_dir, tmp_path):
     """Same images, another split: the store fingerprint (and so the run's) must differ."""
-    from lggseg.training.trainer import _store_fingerprint
+    from lggseg.training.checkpoint import _store_fingerprint
 
     raw = generate_demo(tmp_path / "raw", 3, 23)
     fps = {}
@@ -312,7 +309,8 @@ DRIVER = '''
 import os, signal, sys
 from pathlib import Path
 import torch
-import lggseg.training.trainer as T
+import lggseg.training.checkpoint as C
+import lggseg.training.session as S
 from lggseg.config import load_run_config
 
 cfg, store, out, point = sys.argv[1:5]
@@ -327,14 +325,14 @@ if kind == "step":  # in the middle of an epoch: the arg-th optimizer step of th
         return step(self, *a, **k)
     torch.optim.Adam.step = patched
 elif kind == "tensors":  # checkpoint tensors of epoch arg written, state.json not yet
-    save = T._save_tensors
+    save = C._save_tensors
     def patched(path, tensors):
         save(path, tensors)
         if path.name == f"state_e{int(arg):04d}.safetensors":
             die()
-    T._save_tensors = patched
+    C._save_tensors = patched
 elif kind in ("commit", "final"):  # just after epoch arg's state.json / just before result.json
-    write = T.write_json
+    write = C.write_json
     def patched(path, obj):
         if kind == "final" and Path(path).name == "result.json":
             die()
@@ -342,8 +340,8 @@ elif kind in ("commit", "final"):  # just after epoch arg's state.json / just be
         if kind == "commit" and Path(path).name == "state.json" and obj["epoch"] == int(arg):
             die()
         return done
-    T.write_json = patched
-T.train_variant(load_run_config(cfg), Path(store), Path(out), int(sys.argv[5]))
+    C.write_json = S.write_json = patched
+S.train_variant(load_run_config(cfg), Path(store), Path(out), int(sys.argv[5]))
 '''
 
 
@@ -419,7 +417,7 @@ CPU = torch.device("cpu")
     ],
 )
 def test_cpu_step_setup(monkeypatch, native, amp, channels_last, bf16_on, cl_on):
-    import lggseg.training.trainer as T
+    import lggseg.training.step as T
 
     monkeypatch.setattr(T, "cpu_bf16", lambda: {"supported": True, "native": native})
     s = step_setup(TrainConfig(amp=amp, channels_last=channels_last, compile=True, cpu_threads=3), CPU)
@@ -552,7 +550,7 @@ from pathlib import Path
 import yaml
 from lggseg.config import EvaluateConfig, PostprocessConfig, run_config_from_dict
 from lggseg.evaluation.evaluate import evaluate_model
-from lggseg.training.trainer import train_all_seeds
+from lggseg.training.session import train_all_seeds
 
 cfg, store, out = sys.argv[1:4]
 run = run_config_from_dict(yaml.safe_load(Path(cfg).read_text()))
@@ -585,7 +583,7 @@ def test_fused_adam_is_the_same_update_rounded_differently(store_dir, tmp_path):
     """train.fused_adam: one step equals the default optimiser's to rounding; a run repeats exactly; the
     setting is part of the run fingerprint (training is chaotic, so whole runs drift apart)."""
     from lggseg.config import TrainConfig
-    from lggseg.training.trainer import adam
+    from lggseg.training.step import adam
 
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)) for _ in range(2)]
@@ -604,7 +602,7 @@ def test_fused_adam_is_the_same_update_rounded_differently(store_dir, tmp_path):
     again = train_variant(tiny_run(1, fused_adam=True), store_dir, tmp_path / "f2", SEED)
     a, b = _weights(tmp_path / "f1"), _weights(tmp_path / "f2")
     assert fused["history"] == again["history"] and all(torch.equal(a[k], b[k]) for k in a)
-    import lggseg.training.trainer as T
+    import lggseg.training.checkpoint as T
 
     store_fp = T._store_fingerprint(store_dir)
     assert fused["fingerprint"] == run_fingerprint(tiny_run(1, fused_adam=True), SEED, store_fp, "cpu", False)
@@ -612,7 +610,7 @@ def test_fused_adam_is_the_same_update_rounded_differently(store_dir, tmp_path):
 
 
 def test_recalibrate_batchnorm_sets_the_exact_average_and_restores_state():
-    from lggseg.training.trainer import recalibrate_batchnorm
+    from lggseg.training.step import recalibrate_batchnorm
 
     class Net(torch.nn.Module):
         def __init__(self):

@@ -46,7 +46,7 @@ from lggseg.config import (
 )
 from lggseg.errors import DataError
 from lggseg.runtime import cpu_bf16
-from lggseg.training.trainer import StepSetup, applied, step_setup, train_step
+from lggseg.training.step import StepSetup, applied, step_setup, train_step
 
 # --------------------------------------------------------------------------- the training step
 
@@ -281,7 +281,7 @@ def make_loader(store: Any, cfg: BenchConfig, batch_size: int, n_batches: int, w
     """The training DataLoader of :mod:`lggseg.training.trainer` (same dataset, augmentation and workers), drawing
     ``n_batches`` random batches of train slices (with replacement, so any store size will do)."""
     from lggseg.data.dataset import EpochSampler, SliceDataset
-    from lggseg.training.trainer import seed_worker
+    from lggseg.training.checkpoint import seed_worker
 
     ds = SliceDataset(store, _train_rows(store), cfg.common.image_size, cfg.train.augment, seed=cfg.common.seed)
     gen = torch.Generator().manual_seed(cfg.common.seed)

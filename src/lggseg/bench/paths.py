@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lggseg.training.trainer import applied, step_setup, train_step
+from lggseg.training.step import applied, step_setup, train_step
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -182,7 +182,7 @@ def bench_concurrent(cfg: Any, device: torch.device) -> dict[str, Any]:
     from lggseg.data.manifest import build_manifest, load_store
     from lggseg.data.synthetic import generate_demo
     from lggseg.training.concurrent import train_variants
-    from lggseg.training.trainer import train_variant
+    from lggseg.training.session import train_variant
 
     size = cfg.common.image_size if device.type == "cuda" else cfg.bench.concurrent_cpu_size
     runs = concurrent_runs(cfg, device, size)

@@ -89,7 +89,7 @@ from lggseg.config import (
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json
 from lggseg.runtime import resolve_device
-from lggseg.training.trainer import step_setup
+from lggseg.training.step import step_setup
 
 # --------------------------------------------------------------------------- the whole run
 

@@ -51,7 +51,9 @@ import numpy as np
 import torch
 
 from lggseg.config import ConfigError, RunConfig
-from lggseg.training.trainer import Session, StepSetup, applied, init_distributed, resume_point, step_setup
+from lggseg.runtime import init_distributed
+from lggseg.training.session import Session, resume_point
+from lggseg.training.step import StepSetup, applied, step_setup
 
 log = logging.getLogger(__name__)
 
