@@ -107,7 +107,7 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     from lggseg.data.synthetic import generate_demo
     from lggseg.evaluation.evaluate import evaluate_model
     from lggseg.reporting.folder import main as report_main
-    from lggseg.reporting.report import check_metrics
+    from lggseg.reporting.results import check_metrics
 
     raw = generate_demo(tmp_path / "raw", n_cases=5)
     (tmp_path / "block").mkdir()

@@ -111,7 +111,7 @@ _SHORT = {"dice_slice_mean": "slice", "dice_tumour_slices": "tumour", "dice_pati
 
 def markdown(table: pd.DataFrame, chosen: str) -> str:
     """``ablation.csv`` as a Markdown table (Dice conventions and the empty-slice FP rate per setting)."""
-    from lggseg.reporting.report import _md_table
+    from lggseg.reporting.tables import _md_table
 
     header = ["arm", "epochs", "train min", *(f"{h} {_SHORT[k]}" for _, h in _SETTINGS for k in ROW_METRICS)]
     rows = []

@@ -285,7 +285,7 @@ def test_select_figure_rows_prefers_paper_ids_in_the_test_split():
 
 
 def test_write_evaluation_outputs_are_readable(tmp_path):
-    from lggseg.reporting.report import load_figure_slices, load_metrics
+    from lggseg.reporting.results import load_figure_slices, load_metrics
 
     res = evaluate_loaded({1: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, POST, "cpu")
     write_evaluation(res, tmp_path / "metrics" / "v.json", tmp_path / "eval" / "v")
@@ -335,7 +335,7 @@ def test_stage_on_a_demo_store_with_a_saved_model(tmp_path):
     from lggseg.data.manifest import build_manifest, load_store
     from lggseg.data.synthetic import generate_demo
     from lggseg.models import build_model, save_model
-    from lggseg.reporting.report import load_metrics
+    from lggseg.reporting.results import load_metrics
 
     raw = generate_demo(tmp_path / "raw", n_cases=3, seed=0)
     build_manifest(raw, tmp_path / "manifest", CommonConfig(image_size=64), ManifestConfig(split_fractions=(0.34, 0.33, 0.33)))

@@ -15,18 +15,10 @@ from PIL import Image
 
 from lggseg.config import ConfigError, read_params, resolve_variant
 from lggseg.errors import DataError
-from lggseg.reporting.report import (
-    PAPER_TABLES,
-    Result,
-    build_report,
-    component_counts,
-    data_source,
-    load_components,
-    load_metrics,
-    paper_matches,
-    paper_table_markdown,
-    provenance_lines,
-)
+from lggseg.reporting.paper import PAPER_TABLES
+from lggseg.reporting.report import build_report, data_source
+from lggseg.reporting.results import Result, component_counts, load_components, load_metrics
+from lggseg.reporting.tables import paper_matches, paper_table_markdown, provenance_lines
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = read_params(REPO / "params.yaml")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from lggseg.errors import DataError, LggsegError
-from lggseg.reporting.report import FRACTION_KEYS, SCALAR_KEYS, _md_table, load_metrics, provenance_line
+from lggseg.reporting.results import FRACTION_KEYS, SCALAR_KEYS, load_metrics
+from lggseg.reporting.tables import _md_table, provenance_line
 
 COUNT_KEYS = frozenset({"n_test_slices", "n_test_patients"})
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from lggseg.config import ConfigError, read_params, resolve_variant
 from lggseg.errors import DataError, LggsegError
-from lggseg.reporting.report import check_figure_slices
+from lggseg.reporting.results import check_figure_slices
 
 FILES = {
     "params": "params.yaml",
@@ -61,15 +61,8 @@ def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
 def build_folder_report(folder: str | Path, tables: str | Path | None = None, plots: str | Path | None = None) -> Path:
     """``tables.md`` (default ``folder/tables.md``) and the figures (default ``folder/plots/``) of a
     ``lggseg reproduce`` folder, by :func:`lggseg.reporting.report.write_report`; returns the tables' path."""
-    from lggseg.reporting.report import (
-        DataSource,
-        ReportSources,
-        Result,
-        check_metrics,
-        figure7_variants,
-        figure8_variants,
-        load_components,
-    )
+    from lggseg.reporting.report import DataSource, ReportSources, figure7_variants, figure8_variants
+    from lggseg.reporting.results import Result, check_metrics, load_components
 
     folder = Path(folder)
     if not folder.is_dir():
