@@ -90,7 +90,8 @@ def test_manifest_on_a_full_disk(demo_kaggle_dir, tmp_path, monkeypatch, capsys)
 @pytest.mark.slow
 def test_evaluate_on_a_full_disk(tmp_path, monkeypatch, capsys):
     from lggseg.config import CommonConfig, ManifestConfig, ModelConfig
-    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
     from lggseg.data.synthetic import generate_demo
     from lggseg.models import build_model, save_model
 

@@ -21,7 +21,8 @@ from PIL import Image
 import lggseg.models
 from lggseg.config import CommonConfig, EvaluateConfig, ManifestConfig, ModelConfig, PostprocessConfig
 from lggseg.data.dataset import SliceDataset
-from lggseg.data.manifest import build_manifest, encode_attributes, load_store, read_clinical
+from lggseg.data.manifest import build_manifest, encode_attributes, read_clinical
+from lggseg.data.store import load_store
 from lggseg.errors import DataError, ModelError
 from lggseg.models import build_model, save_model
 from lggseg.predict import (

@@ -105,7 +105,7 @@ class Inputs:
 
 
 def _case_slices(case: Path, out_dir: str) -> list[SliceInput]:
-    from lggseg.data.manifest import _CASE_RE, _scan_case
+    from lggseg.data.layout import _CASE_RE, _scan_case
 
     m = _CASE_RE.match(case.name)
     if not m:
@@ -129,7 +129,7 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _lone_slice(path: Path) -> SliceInput:
-    from lggseg.data.manifest import _CASE_RE
+    from lggseg.data.layout import _CASE_RE
 
     case_id, index, patient = path.stem, None, None
     if (m := _NUMBERED.match(path.stem)) and (c := _CASE_RE.match(m.group(1))):
@@ -145,7 +145,7 @@ def _lone_slice(path: Path) -> SliceInput:
 
 def resolve_inputs(path: str | Path) -> Inputs:
     """Find and validate the slices of ``path`` (a slice file, a case folder or a folder of cases)."""
-    from lggseg.data.manifest import _CASE_RE
+    from lggseg.data.layout import _CASE_RE
 
     path = Path(path)
     if not path.exists():
@@ -183,7 +183,7 @@ def _existing(path: Path) -> Path | None:
 
 def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
-    from lggseg.data.manifest import _check_image, _check_mask, _decode_tif, _read
+    from lggseg.data.layout import _check_image, _check_mask, _decode_tif, _read
 
     image, mode = _decode_tif(item.image, _read(item.image))
     _check_image(item.image, image, mode)

@@ -222,7 +222,8 @@ def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs:
 
 def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig], work: Path,
                command: str | None) -> dict[str, Any]:
-    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
     from lggseg.evaluation.evaluate import evaluate_model
     from lggseg.runtime import git_commit, resolve_device
     from lggseg.training.concurrent import train_variants

@@ -17,7 +17,8 @@ import pytest
 from lggseg.config import CommonConfig, FetchConfig, ManifestConfig
 from lggseg.data.fetch import fetch as run_fetch
 from lggseg.data.fetch import fingerprint, normalise_data_csv
-from lggseg.data.manifest import build_manifest, load_store
+from lggseg.data.manifest import build_manifest
+from lggseg.data.store import load_store
 from lggseg.errors import FetchError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,11 +20,11 @@ from lggseg.config import CommonConfig, ManifestConfig
 from lggseg.data.manifest import (
     assign_splits,
     build_manifest,
-    load_store,
     mask_components,
     read_clinical,
     small_component_counts,
 )
+from lggseg.data.store import load_store
 from lggseg.data.synthetic import generate_demo
 from lggseg.errors import DataError
 

@@ -332,7 +332,8 @@ def test_stage_on_a_demo_store_with_a_saved_model(tmp_path):
     from pathlib import Path
 
     from lggseg.config import CommonConfig, ManifestConfig, ModelConfig
-    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
     from lggseg.data.synthetic import generate_demo
     from lggseg.models import build_model, save_model
     from lggseg.reporting.results import load_metrics

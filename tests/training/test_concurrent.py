@@ -122,8 +122,8 @@ def test_bad_combinations_are_config_errors(store_dir, tmp_path):
 
 def test_a_view_shares_the_device_tensors_and_batches_like_its_own_copy(store_dir):
     from lggseg.config import AugmentConfig
-    from lggseg.data.manifest import load_store
     from lggseg.data.resident import ResidentBatches
+    from lggseg.data.store import load_store
 
     store = load_store(store_dir)
     rows = store.indices("train")

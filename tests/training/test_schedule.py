@@ -151,7 +151,7 @@ def test_budget_and_schedule_are_part_of_the_run_identity(store_dir):
 def test_empty_slice_fraction_shortens_epochs_and_stays_deterministic(store_dir, tmp_path):
     import numpy as np
 
-    from lggseg.data.manifest import load_store
+    from lggseg.data.store import load_store
 
     store = load_store(store_dir)
     train = store.indices("train")

@@ -26,7 +26,8 @@ from lggseg.config import (
     read_params,
     resolve_variant,
 )
-from lggseg.data.manifest import build_manifest, load_store
+from lggseg.data.manifest import build_manifest
+from lggseg.data.store import load_store
 from lggseg.data.synthetic import generate_demo
 from lggseg.training.checkpoint import (
     CHECKPOINT_DIR,

@@ -258,7 +258,8 @@ def bench_losses(
 @contextlib.contextmanager
 def open_store(cfg: BenchConfig) -> Iterator[tuple[Any, str]]:
     """The manifest store to read (``cfg.data_dir``), or a small synthetic one built in a temp dir."""
-    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
 
     if cfg.data_dir is not None:
         yield load_store(cfg.data_dir), str(cfg.data_dir)

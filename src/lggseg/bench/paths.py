@@ -179,7 +179,8 @@ def _warm_up(runs: list[Any], store: Any, device: torch.device, batch_size: int)
 
 def bench_concurrent(cfg: Any, device: torch.device) -> dict[str, Any]:
     """Wall time of two variants trained one after another and at once (see the module doc)."""
-    from lggseg.data.manifest import build_manifest, load_store
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
     from lggseg.data.synthetic import generate_demo
     from lggseg.training.concurrent import train_variants
     from lggseg.training.session import train_variant

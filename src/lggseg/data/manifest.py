@@ -48,7 +48,6 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,89 +55,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from lggseg.config import CommonConfig, ManifestConfig
 from lggseg.data.fetch import FINGERPRINT_NAME, csv_delimiter, fingerprint
+from lggseg.data.layout import RAW_SIZE, SliceRef, _check_image, _check_mask, _decode_tif, _read, scan_raw_dir
+from lggseg.data.store import SPLITS
 from lggseg.errors import DataError
 from lggseg.io import atomic_dir, write_csv, write_json
 
-RAW_SIZE = 256
-SPLITS = ("train", "val", "test")
 MISSING = "missing"
 POSITION = "attr:position"
 _MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none"}
-_CASE_RE = re.compile(r"^([A-Za-z0-9-]+_[A-Za-z0-9-]+_[A-Za-z0-9-]+)_([A-Za-z0-9-]+)$")
 _STRUCTURES = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
 COMPONENT_COLUMNS = ["row", "case_id", "slice_index", "split", "connectivity", "component", "area", "y0", "x0", "height", "width"]
 
 
-@dataclass(frozen=True)
-class SliceRef:
-    """One slice of the raw layout, as found on disk."""
-
-    case_id: str
-    patient_id: str
-    slice_index: int
-    n_slices: int
-    image_path: str  # relative to the raw dir, POSIX
-    mask_path: str
-
-
 # --------------------------------------------------------------------------- layout
-
-
-def scan_raw_dir(raw_dir: str | Path) -> list[SliceRef]:
-    """Check the folder structure and list the slices sorted by (case_id, slice_index)."""
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise DataError(f"{raw_dir}: input folder not found")
-    entries = sorted(p for p in raw_dir.iterdir() if not p.name.startswith("."))
-    cases = [p for p in entries if p.is_dir()]
-    if not cases:
-        raise DataError(f"{raw_dir}: empty input folder: no case folders (expected <case>/<case>_<n>.tif and data.csv)")
-    if not (raw_dir / "data.csv").is_file():
-        raise DataError(f"{raw_dir / 'data.csv'}: not found (the clinical/genomic table of the Kaggle layout)")
-    refs: list[SliceRef] = []
-    for case in cases:
-        m = _CASE_RE.match(case.name)
-        if not m:
-            raise DataError(f"{case}: folder name is not a case id like TCGA_CS_4941_19960909")
-        refs.extend(_scan_case(case, m.group(1)))
-    return refs
-
-
-def _scan_case(case: Path, patient: str, require_masks: bool = True) -> list[SliceRef]:
-    """Slices of one case folder. ``require_masks=False`` (``lggseg predict``) also accepts a case
-    with no mask at all (``mask_path`` is then ""); a case with some masks must still have all."""
-    pattern = re.compile(rf"^{re.escape(case.name)}_([1-9][0-9]*)(_mask)?\.tif$")
-    images: dict[int, str] = {}
-    masks: dict[int, str] = {}
-    for f in sorted(case.iterdir()):
-        if f.name.startswith("."):
-            continue
-        m = pattern.match(f.name)
-        if not m or not f.is_file():
-            raise DataError(f"{f}: unexpected entry in a case folder (expected {case.name}_<n>.tif and {case.name}_<n>_mask.tif)")
-        (masks if m.group(2) else images)[int(m.group(1))] = f.name
-    if (lonely := sorted(set(images) - set(masks))) and (require_masks or masks):
-        k = lonely[0]
-        raise DataError(f"{case / images[k]}: image without mask ({case.name}_{k}_mask.tif is missing)")
-    if lonely := sorted(set(masks) - set(images)):
-        k = lonely[0]
-        raise DataError(f"{case / masks[k]}: mask without image ({case.name}_{k}.tif is missing)")
-    if not images:
-        raise DataError(f"{case}: case folder holds no slices")
-    numbers = sorted(images)
-    if numbers != list(range(1, len(numbers) + 1)):
-        gaps = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-        raise DataError(f"{case}: slice numbers are not contiguous 1..{numbers[-1]}: missing {gaps[:10]}")
-    n = len(numbers)
-    return [
-        SliceRef(case.name, patient, k, n, f"{case.name}/{images[k]}", f"{case.name}/{masks[k]}" if k in masks else "") for k in numbers
-    ]
 
 
 # --------------------------------------------------------------------------- data.csv and attributes
@@ -262,56 +196,6 @@ def small_tumour_slices(tumour_pixels: pd.Series, side: int) -> int:
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-def _decode_tif(path: Path, data: bytes) -> tuple[np.ndarray, str]:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.asarray(im)
-            # Pillow silently narrows 16-bit RGB TIFFs to uint8 (dropping the low byte): refuse them.
-            bits = getattr(im, "tag_v2", {}).get(258)
-            bits = bits if isinstance(bits, tuple) else (bits,) if bits else ()
-            if arr.dtype == np.uint8 and any(b != 8 for b in bits):
-                raise DataError(f"{path}: {bits[0]}-bit samples (mode {im.mode}); expected uint8 (8-bit) pixels")
-            return arr, im.mode
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: unreadable: not a TIFF (or any image format Pillow knows)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from None
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
-def _check_image(path: Path, arr: np.ndarray, mode: str) -> None:
-    want = f"expected {RAW_SIZE}x{RAW_SIZE} RGB uint8 (pre-contrast, FLAIR, post-contrast)"
-    channels = 1 if arr.ndim == 2 else arr.shape[-1]
-    if arr.ndim == 2 or channels == 1:
-        raise DataError(f"{path}: image is single-channel (mode {mode}); {want}; grayscale images are refused, not replicated")
-    if channels != 3:
-        raise DataError(f"{path}: image has {channels} channels (mode {mode}); {want}; RGBA and others are refused")
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: image has dtype {arr.dtype} (mode {mode}); {want}")
-    if arr.shape[:2] != (RAW_SIZE, RAW_SIZE):
-        raise DataError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]}; {want}")
-
-
-def _check_mask(path: Path, arr: np.ndarray, mode: str) -> None:
-    want = f"expected a {RAW_SIZE}x{RAW_SIZE} single-channel uint8 mask with values 0 and 255"
-    if arr.ndim != 2:
-        raise DataError(f"{path}: mask has shape {arr.shape} (mode {mode}); {want}")
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: mask has dtype {arr.dtype} (mode {mode}); {want}")
-    if arr.shape != (RAW_SIZE, RAW_SIZE):
-        raise DataError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}; {want}")
-    bad = np.unique(arr[(arr != 0) & (arr != 255)])
-    if bad.size:
-        raise DataError(f"{path}: mask has values {bad[:5].tolist()} besides 0 and 255; {want}")
 
 
 @dataclass
@@ -473,69 +357,3 @@ def _summary(table: pd.DataFrame, components: pd.DataFrame, attribute_names: lis
 
 # --------------------------------------------------------------------------- store
 
-
-@dataclass(frozen=True, eq=False)
-class Store:
-    """A built manifest store: the table, memory-mapped arrays and the attribute matrix."""
-
-    root: Path
-    table: pd.DataFrame
-    images: np.ndarray  # uint8 (N, H, W, 3), memmap
-    masks: np.ndarray  # uint8 (N, H, W) in {0, 1}, memmap
-    attribute_names: list[str]
-    attributes: np.ndarray  # float32 (N, A)
-    meta: dict
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def indices(self, split: str) -> np.ndarray:
-        """Row indices (int64, ascending) of ``split`` (train, val or test)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-        return np.flatnonzero(self.table["split"].to_numpy() == split).astype(np.int64)
-
-
-def load_store(directory: str | Path) -> Store:
-    """Open a store written by :func:`build_manifest` (arrays memory-mapped, nothing decoded)."""
-    root = Path(directory)
-    meta_path = root / "store.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{meta_path}: not found; run the manifest stage first") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{meta_path}: unreadable ({exc})") from None
-    for key in ("n_slices", "height", "width", "attribute_names"):
-        if key not in meta:
-            raise DataError(f"{meta_path}: missing key {key!r}")
-    n, h, w = meta["n_slices"], meta["height"], meta["width"]
-    csv_path = root / "manifest.csv"
-    try:
-        table = pd.read_csv(
-            csv_path, dtype={"case_id": str, "patient_id": str, "split": str, "image_path": str, "mask_path": str}
-        )
-    except FileNotFoundError:
-        raise DataError(f"{csv_path}: not found") from None
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{csv_path}: unreadable ({exc})") from None
-    if len(table) != n or "row" not in table.columns or not np.array_equal(table["row"].to_numpy(), np.arange(n)):
-        raise DataError(f"{csv_path}: expected {n} rows numbered 0..{n - 1} (store.json n_slices)")
-    names = list(meta["attribute_names"])
-    absent = [a for a in names if a not in table.columns]
-    if absent:
-        raise DataError(f"{csv_path}: attribute columns {absent[:3]} listed in store.json are missing")
-    arrays = {}
-    for name, shape in (("images", (n, h, w, 3)), ("masks", (n, h, w))):
-        path = root / f"{name}.npy"
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise DataError(f"{path}: not found") from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: unreadable ({exc})") from None
-        if arr.shape != shape or arr.dtype != np.uint8:
-            raise DataError(f"{path}: shape {arr.shape} dtype {arr.dtype}, expected {shape} uint8")
-        arrays[name] = arr
-    attributes = table[names].to_numpy(dtype=np.float32) if names else np.zeros((n, 0), np.float32)
-    return Store(root, table, arrays["images"], arrays["masks"], names, attributes, meta)

@@ -281,7 +281,7 @@ def evaluate_model(
     (JSON-ready: NaN -> None), the per-slice rows (column ``postprocessed`` tells raw from
     post-processed), the per-patient rows and the figure inputs (:func:`write_figure_slices`).
     """
-    from lggseg.data.manifest import load_store
+    from lggseg.data.store import load_store
     from lggseg.models import load_model
 
     dirs = find_model_dirs(model_dirs) if isinstance(model_dirs, (str, Path)) else dict(model_dirs)

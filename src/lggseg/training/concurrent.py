@@ -140,7 +140,7 @@ def train_variants(
     info = init_distributed(devices[0])
     if info.distributed:
         raise ConfigError("train_variants runs in one process; under torchrun train one variant per launch")
-    from lggseg.data.manifest import load_store
+    from lggseg.data.store import load_store
 
     store_dir, device = Path(store_dir), info.device
     store = load_store(store_dir)

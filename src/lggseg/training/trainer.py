@@ -96,7 +96,7 @@ class _Trainer:
         """``store``: the opened manifest store of ``store_dir`` (opened here when None). ``shared``: a
         cache of device-resident splits that variants trained in one process share (see
         :mod:`lggseg.training.concurrent`). ``progress``: per-step progress bars."""
-        from lggseg.data.manifest import load_store
+        from lggseg.data.store import load_store
         from lggseg.losses import CompoundLoss
 
         self.run, self.cfg, self.seed, self.info = run, run.train, seed, info
