@@ -21,18 +21,12 @@ from PIL import Image
 import lggseg.models
 from lggseg.config import CommonConfig, EvaluateConfig, ManifestConfig, ModelConfig, PostprocessConfig
 from lggseg.data.dataset import SliceDataset
+from lggseg.data.inputs import AttributeLookup
 from lggseg.data.manifest import build_manifest, encode_attributes, read_clinical
 from lggseg.data.store import load_store
 from lggseg.errors import DataError, ModelError
 from lggseg.models import build_model, save_model
-from lggseg.predict import (
-    AttributeLookup,
-    PredictOptions,
-    infer_probabilities,
-    main,
-    preprocess,
-    resolve_model_dir,
-)
+from lggseg.predict import PredictOptions, infer_probabilities, main, preprocess, resolve_model_dir
 
 SIZE = 256
 TINY = {"encoder": "test_efficientnet", "pretrained": False, "decoder_channels": 16, "attribute_hidden": 8}
@@ -211,7 +205,7 @@ def test_attribute_vector_by_hand(tmp_path, patient, expected):
 def test_position_is_that_of_the_manifest(tmp_path):
     (tmp_path / "data.csv").write_text(CSV)
     enc = AttributeLookup(NAMES, tmp_path / "data.csv", False, tmp_path)
-    from lggseg.predict import SliceInput
+    from lggseg.data.inputs import SliceInput
 
     base, _ = enc.patient_vector("TCGA_AA_0001", "c")
     for k, n, pos in ((1, 5, 0.0), (3, 5, 0.5), (5, 5, 1.0), (1, 1, 0.0)):
