@@ -1,4 +1,4 @@
-"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.training.trainer.train_all_seeds``).
+"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.training.session.train_all_seeds``).
 
 Runs as ``python stages/train.py ...`` or, on several GPUs, ``torchrun --nproc_per_node N stages/train.py ...``.
 An interrupted run continues from its last epoch checkpoint; ``--no-resume`` starts over.

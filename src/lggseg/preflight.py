@@ -2,8 +2,8 @@
 
 Before hours of ``dvc repro`` on a GPU, each variant of ``params.yaml`` (paper Tables 2-4 and beyond)
 is built on the device and put through what training and evaluation do, on synthetic data of the
-chosen size: a few optimisation steps with the variant's own loss (:func:`lggseg.training.trainer.train_step`
-under the variant's :func:`~lggseg.training.trainer.step_setup`: bf16, channels_last, compile), at the epoch where
+chosen size: a few optimisation steps with the variant's own loss (:func:`lggseg.training.step.train_step`
+under the variant's :func:`~lggseg.training.step.step_setup`: bf16, channels_last, compile), at the epoch where
 the outlier term has its full weight, then one evaluation batch through
 :func:`lggseg.inference.infer_probabilities`. Weights are random (``model.pretrained`` is forced off:
 nothing is downloaded, and the speed and memory do not depend on the values of the weights).

@@ -32,7 +32,7 @@ atomically (files shared by several variants gain a ``variant`` column or key):
   training stopped, wall time and images/s; the images/s of all variants together;
 * ``components.csv``: the store's ground-truth components (the report's dataset section).
 
-``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.report.main`) then writes ``DIR/tables.md`` and the figures in
+``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.folder.main`) then writes ``DIR/tables.md`` and the figures in
 ``DIR/plots/`` through :func:`lggseg.reporting.report.write_report`, the function the report stage ends in;
 Figures 7 and 8 are drawn when the variants they compare are in the folder.
 

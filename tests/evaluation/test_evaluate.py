@@ -1,6 +1,6 @@
 """lggseg.evaluation.evaluate: inference, rows, seed aggregation and outputs, on a hand-made store.
 
-The store is an in-memory object with the ``lggseg.data.manifest.Store`` interface and the models
+The store is an in-memory object with the ``lggseg.data.store.Store`` interface and the models
 are tiny deterministic torch modules whose predictions are known exactly, so the expected
 metrics can be written down by hand.
 """
@@ -31,7 +31,7 @@ S = 32  # native slice size of the fake store
 
 
 class FakeStore:
-    """The ``lggseg.data.manifest.Store`` interface over in-memory arrays."""
+    """The ``lggseg.data.store.Store`` interface over in-memory arrays."""
 
     def __init__(self, table, images, masks, attributes, attribute_names):
         self.table, self.images, self.masks = table, images, masks

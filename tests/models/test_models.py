@@ -418,3 +418,24 @@ def test_save_rejects_inconsistent_meta(tmp_path, regnet_attr) -> None:
     with pytest.raises(ModelError, match="build_model"):
         save_model(torch.nn.Linear(2, 2), tmp_path, _meta())
     assert not (tmp_path / WEIGHTS_FILE).exists() and not (tmp_path / META_FILE).exists()
+
+
+def test_every_arch_has_one_registered_builder():
+    """model.arch -> builder through the registry (issue #12); config.ARCHS and the registry agree."""
+    from lggseg.config import ARCHS
+    from lggseg.models import ARCHITECTURES
+    from lggseg.models.registry import register
+
+    assert set(ARCHITECTURES) == set(ARCHS)
+    with pytest.raises(ValueError, match="registered twice"):
+        register("unet")(lambda *a: None)
+
+
+def test_the_tested_smp_range_is_pinned():
+    import re
+    from importlib import metadata
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"segmentation-models-pytorch>=0.6,<0.7"' in text
+    assert re.fullmatch(r"0\.6\.\d+", metadata.version("segmentation-models-pytorch"))

@@ -3,7 +3,7 @@ several variants trained at once against one after another. :func:`lggseg.bench.
 both and stores them in the device's block of ``metrics/bench.json`` (``data_paths``, ``concurrent``).
 
 **Data paths** (:func:`bench_data_paths`): images/s of a whole training step including its data, the
-step :mod:`lggseg.training.trainer` runs on this device (:func:`lggseg.training.trainer.step_setup`), fed once by the
+step :mod:`lggseg.training.trainer` runs on this device (:func:`lggseg.training.step.step_setup`), fed once by the
 training DataLoader (:func:`lggseg.bench.measures.make_loader`: memmap read, resize, albumentations on
 ``train.num_workers`` workers, copy to the device) and once by :class:`lggseg.data.resident.ResidentBatches`
 (the split on the device, batched and augmented there), at each size of ``bench.path_sizes`` (64 and
@@ -16,7 +16,7 @@ reported, and the one-time cost of making the split resident apart (``resident_l
 **Concurrent variants** (:func:`bench_concurrent`): two variants (the benchmarked model with every
 loss term of eq. 13, and with BCE alone: Table 2's first and last rows) trained for
 ``bench.concurrent_epochs`` on a synthetic store of ``bench.concurrent_cases`` cases on the resident
-path: first one after another with :func:`lggseg.training.trainer.train_variant`, then at once with
+path: first one after another with :func:`lggseg.training.session.train_variant`, then at once with
 :func:`lggseg.training.concurrent.train_variants`; the wall times (store opening, data loading, training and
 validation, everything a call does), their ratio, and on the CPU whether the results agree bit for
 bit (they must; on CUDA the runs are not deterministic). Before the timing each model takes one

@@ -258,7 +258,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_workers: int = 4
     amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
-    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.training.trainer.step_setup)
+    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.training.step.step_setup)
     compile: bool = False  # torch.compile on CUDA
     cpu_threads: int = 0  # 0: leave torch's default
     log_every: int = 20  # steps between host syncs for logging

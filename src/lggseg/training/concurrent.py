@@ -1,10 +1,10 @@
 """Several training variants in one process, their steps interleaved (issue #11, part 2).
 
-:func:`train_variants` trains a list of (variant, seed) runs the way :func:`lggseg.training.trainer.train_variant`
+:func:`train_variants` trains a list of (variant, seed) runs the way :func:`lggseg.training.session.train_variant`
 trains one, but all at once: one opened manifest store for all of them and, on the device-resident
 path (:mod:`lggseg.data.resident`), one copy of each split on the device per image size; each run keeps
 its own model, optimiser, loss, checkpoint, log and, on CUDA, its own ``torch.cuda.Stream``. The
-runs take turns step by step (round robin over :meth:`lggseg.training.trainer.Session.steps`), so while the
+runs take turns step by step (round robin over :meth:`lggseg.training.session.Session.steps`), so while the
 host launches one run's kernels the GPU can still be busy with the kernels another run queued on its
 stream, and no run's host synchronisation waits for another's work. On the CPU the turns buy no
 speed (one core set does all the work either way); they exist there so that this scheduling is
@@ -14,7 +14,7 @@ Same result as alone
     Every run gets exactly what it gets from ``train_variant``: the same history, best epoch and
     saved weights bit for bit on the CPU (``tests/test_concurrent.py``). A step draws on
     process-wide state: Python's ``random``, NumPy's global generator, torch's CPU generator and the
-    device's, and the switches of :func:`lggseg.training.trainer.applied` (threads, deterministic algorithms,
+    device's, and the switches of :func:`lggseg.training.step.applied` (threads, deterministic algorithms,
     cuDNN autotuning). Each run owns a copy of the random streams (:class:`RandomState`), swapped
     in before each of its turns and captured after it, and has its own set-up applied around the
     turn; the caller's random streams are put back at the end. Everything else a step uses
