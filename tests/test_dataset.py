@@ -314,3 +314,14 @@ def test_resize_without_opencv_gives_opencvs_pixels(size, monkeypatch):
         assert got_image.dtype == np.uint8 and got_image.shape == (size, size, 3)
         np.testing.assert_array_equal(got_image, image)
         np.testing.assert_array_equal(got_mask, mask)
+
+
+def test_loader_augmentation_without_albumentations_is_a_user_error(monkeypatch):
+    import sys
+
+    from lggseg.dataset import build_augmentation
+    from lggseg.errors import LggsegError
+
+    monkeypatch.setitem(sys.modules, "albumentations", None)
+    with pytest.raises(LggsegError, match="train.data_path: resident"):
+        build_augmentation(AugmentConfig())

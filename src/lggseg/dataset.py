@@ -135,7 +135,11 @@ def build_augmentation(cfg: AugmentConfig) -> Any:
     """The section 4.1.3 augmentation (an albumentations ``Compose``); ``cfg.extra`` adds flips and a small
     affine transform, ``cfg.missing_sequence_p`` the missing-sequence patterns (before everything else). :mod:`lggseg.resident` implements the same operations as batched tensor operations."""
     # Imported here: evaluation and the device-resident training path must run without albumentations.
-    import albumentations as A
+    try:
+        import albumentations as A
+    except ImportError as exc:
+        raise DataError("training on the DataLoader path augments with albumentations, which cannot be imported "
+                        f"({exc}); install it, or set train.data_path: resident (augmentation as tensor operations)") from exc
 
     transforms: list[Any] = []
     if cfg.missing_sequence_p > 0:
