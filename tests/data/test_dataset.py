@@ -3,6 +3,7 @@ active only in training mode and a pure function of (seed, epoch, row)."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from types import SimpleNamespace
 
@@ -308,9 +309,25 @@ def test_resize_without_opencv_gives_opencvs_pixels(size, monkeypatch):
     pytest.importorskip("cv2")
     store = _store()
     with_cv2 = [resize_pair(np.asarray(store.images[i]), np.asarray(store.masks[i]), size) for i in range(N)]
+    import lggseg.dataset as D
+
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    D._opencv.cache_clear()
+    monkeypatch.setattr(D, "_opencv", functools.cache(D._opencv.__wrapped__))  # a fresh cache, dropped afterwards
+    assert D._opencv() is None
     for i, (image, mask) in enumerate(with_cv2):
         got_image, got_mask = resize_pair(np.asarray(store.images[i]), np.asarray(store.masks[i]), size)
         assert got_image.dtype == np.uint8 and got_image.shape == (size, size, 3)
         np.testing.assert_array_equal(got_image, image)
         np.testing.assert_array_equal(got_mask, mask)
+
+
+def test_loader_augmentation_without_albumentations_is_a_user_error(monkeypatch):
+    import sys
+
+    from lggseg.dataset import build_augmentation
+    from lggseg.errors import LggsegError
+
+    monkeypatch.setitem(sys.modules, "albumentations", None)
+    with pytest.raises(LggsegError, match="train.data_path: resident"):
+        build_augmentation(AugmentConfig())

@@ -280,8 +280,8 @@ class TrainConfig:
     # The resumable checkpoint is written every N epochs (not after the run's last: the model is written then).
     checkpoint_every: int = 1
     # torch's fused Adam (one kernel over all parameters) instead of the default multi-tensor one: the
-    # same update, rounded differently. On CPU at 64 px the update of a 50-90M-parameter encoder took
-    # 0.28-0.48 s per step with the default and 0.08-0.10 s fused (tf_efficientnetv2_m, repvgg_b2).
+    # same update, rounded differently. On CPU at 64 px the update took 0.20 s with the default and 0.06 s
+    # fused for tf_efficientnetv2_m, 0.40 s and 0.09 s for repvgg_b2 (results/demo-2026-11-30/choices.json).
     fused_adam: bool = False
     # Before each validation, recompute every BatchNorm layer's running mean and variance as the exact
     # average over this many train slices (un-augmented, batches of 16), instead of the momentum average

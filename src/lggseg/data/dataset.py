@@ -15,6 +15,7 @@ works with persistent workers (they never see a ``set_epoch`` made in the main p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +42,16 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+@functools.cache
+def _opencv() -> Any:
+    """OpenCV, or None where it is not installed (imported here, not at the top: see :func:`resize_pair`)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Resize to ``size`` x ``size``: area averaging for the image, nearest neighbour so the mask stays binary.
 
@@ -50,9 +61,8 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     """
     if image.shape[0] == size and image.shape[1] == size:
         return image, mask
-    try:
-        import cv2  # here, not at the top: see above
-    except ImportError:
+    cv2 = _opencv()
+    if cv2 is None:
         return (resize_images(torch.from_numpy(np.ascontiguousarray(image))[None], size)[0].numpy(),
                 resize_masks(torch.from_numpy(np.ascontiguousarray(mask))[None], size)[0].numpy())
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
@@ -135,7 +145,11 @@ def build_augmentation(cfg: AugmentConfig) -> Any:
     """The section 4.1.3 augmentation (an albumentations ``Compose``); ``cfg.extra`` adds flips and a small
     affine transform, ``cfg.missing_sequence_p`` the missing-sequence patterns (before everything else). :mod:`lggseg.data.resident` implements the same operations as batched tensor operations."""
     # Imported here: evaluation and the device-resident training path must run without albumentations.
-    import albumentations as A
+    try:
+        import albumentations as A
+    except ImportError as exc:
+        raise DataError("training on the DataLoader path augments with albumentations, which cannot be imported "
+                        f"({exc}); install it, or set train.data_path: resident (augmentation as tensor operations)") from exc
 
     transforms: list[Any] = []
     if cfg.missing_sequence_p > 0:
