@@ -309,7 +309,7 @@ def test_resize_without_opencv_gives_opencvs_pixels(size, monkeypatch):
     pytest.importorskip("cv2")
     store = _store()
     with_cv2 = [resize_pair(np.asarray(store.images[i]), np.asarray(store.masks[i]), size) for i in range(N)]
-    import lggseg.dataset as D
+    import lggseg.data.dataset as D
 
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
     D._opencv.cache_clear()
@@ -325,7 +325,7 @@ def test_resize_without_opencv_gives_opencvs_pixels(size, monkeypatch):
 def test_loader_augmentation_without_albumentations_is_a_user_error(monkeypatch):
     import sys
 
-    from lggseg.dataset import build_augmentation
+    from lggseg.data.dataset import build_augmentation
     from lggseg.errors import LggsegError
 
     monkeypatch.setitem(sys.modules, "albumentations", None)
