@@ -79,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
     args = ap.parse_args()
-    from lggseg.hardware import machine_record
+    from lggseg.runtime import machine_record
 
     result = {"import_seconds": import_seconds(), "real_peak_tumour_area_px": peak_areas(args.store),
               "adam_step_seconds": adam_steps(["repvgg_b2_bce", "effv2m_bce"]), "machine": machine_record()}
