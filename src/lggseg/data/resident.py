@@ -55,11 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from lggseg.config import AugmentConfig
-from lggseg.data.dataset import (  # noqa: F401 (area_weights: re-exported)
+from lggseg.data.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MISSING_SEQUENCE_PATTERNS,
-    area_weights,
     resize_images,
     resize_masks,
 )
