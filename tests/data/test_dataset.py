@@ -219,6 +219,28 @@ def test_empty_slice_subsampler_shards_like_distributed_sampler():
     assert sorted(shards[0] + shards[1]) == sorted(ranks[0].positions().tolist())
 
 
+def test_empty_slice_subsampler_limit_takes_a_fresh_random_subset_each_epoch():
+    from lggseg.data.dataset import EmptySliceSubsampler
+
+    is_tumour = np.array([1, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=bool)  # 3 tumour, 7 empty
+    full = EmptySliceSubsampler(is_tumour, 1.0, seed=4)
+    cut = EmptySliceSubsampler(is_tumour, 1.0, seed=4, limit=4)
+    assert len(cut) == 4
+    seen = set()
+    for epoch in range(4):
+        full.set_epoch(epoch)
+        cut.set_epoch(epoch)
+        got = list(cut)
+        assert got == list(full)[:4]  # the first `limit` of the epoch's order: a uniform random subset
+        seen |= set(got)
+    assert len(seen) > 4  # the subset changes from epoch to epoch
+    assert len(EmptySliceSubsampler(is_tumour, 0.5, seed=4, limit=100)) == 7  # a limit above the draw changes nothing
+    two = EmptySliceSubsampler(is_tumour, 1.0, seed=4, num_replicas=2, rank=0, limit=5)
+    assert len(two) == 2  # 5 cut to a multiple of the 2 ranks, one half each
+    with pytest.raises(DataError, match="limit"):
+        EmptySliceSubsampler(is_tumour, 1.0, seed=4, limit=0)
+
+
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5])
 def test_empty_slice_subsampler_rejects_a_bad_fraction(fraction):
     from lggseg.data.dataset import EmptySliceSubsampler

@@ -164,3 +164,16 @@ def test_empty_slice_fraction_shortens_epochs_and_stays_deterministic(store_dir,
     assert full["fingerprint"] != runs[0]["fingerprint"]
     with pytest.raises(ConfigError, match="empty_slice_fraction"):
         _cfg(empty_slice_fraction=0)
+
+
+def test_epoch_slices_caps_the_steps_of_an_epoch(store_dir, tmp_path):
+    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
+
+    result = train_variant(tiny_run(epochs=1, epoch_slices=8), store_dir, tmp_path / "cut", SEED)
+    assert round(result["images_per_second"] * result["train_seconds"]) == 8  # two steps of batch 4
+    data = _store_fingerprint(store_dir)
+    assert run_fingerprint(tiny_run(epoch_slices=8), SEED, data) != run_fingerprint(tiny_run(), SEED, data)
+    assert run_fingerprint(tiny_run(epoch_slices=None), SEED, data) == run_fingerprint(tiny_run(), SEED, data)
+    for bad in (0, 3, 2.5, "all"):  # below batch_size 4, or not an integer
+        with pytest.raises(ConfigError, match="epoch_slices"):
+            _cfg(epoch_slices=bad)

@@ -273,6 +273,10 @@ class TrainConfig:
     max_minutes: float | None = None
     # Share of the tumour-free train slices drawn (afresh) each epoch; every tumour slice is always in.
     empty_slice_fraction: float = 1.0
+    # At most this many train slices per epoch: a fresh random draw each epoch from the slices above
+    # (null: all of them). For very short runs such as the demo, where the number of optimisation steps,
+    # not the data, is what costs time; tumour and empty slices keep their proportion on average.
+    epoch_slices: int | None = None
     # Where batches come from (lggseg.data.resident): ``loader`` = DataLoader workers + albumentations on the CPU;
     # ``resident`` = the split on the training device, augmented there; ``auto`` = resident on CUDA when the
     # split fits comfortably in free device memory, else the loader. The two draw different random streams.
@@ -303,6 +307,9 @@ class TrainConfig:
                  f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs!r}")
         _require(_is_num(self.empty_slice_fraction) and 0 < self.empty_slice_fraction <= 1,
                  f"train.empty_slice_fraction must be in (0, 1], got {self.empty_slice_fraction!r}")
+        _require(self.epoch_slices is None or (_is_int(self.epoch_slices) and self.epoch_slices >= self.batch_size),
+                 f"train.epoch_slices must be null or an integer >= train.batch_size ({self.batch_size}), "
+                 f"got {self.epoch_slices!r}")
         _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
                  f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
         _require(self.data_path in DATA_PATHS, f"train.data_path must be one of {DATA_PATHS}, got {self.data_path!r}")

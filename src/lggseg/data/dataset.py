@@ -286,7 +286,8 @@ class EpochSampler(Sampler):
 
 
 class EmptySliceSubsampler(Sampler):
-    """Each epoch: every tumour slice plus a fresh random ``fraction`` of the tumour-free ones, shuffled.
+    """Each epoch: every tumour slice plus a fresh random ``fraction`` of the tumour-free ones, shuffled
+    (and, with ``limit``, cut to the first ``limit`` of that order: a random subset of that size).
 
     Two thirds of the LGG slices have an empty mask; on a small compute budget (the laptop recipe)
     seeing all of them every epoch spends most of the time on the easy case. The draw and the order
@@ -295,7 +296,8 @@ class EmptySliceSubsampler(Sampler):
     ``DistributedSampler``. Yields positions into the dataset (``0..len(is_tumour)-1``).
     """
 
-    def __init__(self, is_tumour: np.ndarray, fraction: float, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, is_tumour: np.ndarray, fraction: float, seed: int, num_replicas: int = 1, rank: int = 0,
+                 limit: int | None = None) -> None:
         is_tumour = np.asarray(is_tumour, dtype=bool)
         if is_tumour.ndim != 1:
             raise DataError(f"EmptySliceSubsampler: is_tumour must be 1-D, got shape {is_tumour.shape}")
@@ -306,7 +308,10 @@ class EmptySliceSubsampler(Sampler):
         self.n_empty = int(round(fraction * len(self.empty)))
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
         self.epoch = 0
-        self.total = (len(self.tumour) + self.n_empty) // self.num_replicas * self.num_replicas
+        if limit is not None and limit < 1:
+            raise DataError(f"EmptySliceSubsampler: limit must be None or positive, got {limit!r}")
+        drawn = len(self.tumour) + self.n_empty
+        self.total = min(drawn, limit if limit is not None else drawn) // self.num_replicas * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

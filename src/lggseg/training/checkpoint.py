@@ -61,7 +61,7 @@ def run_fingerprint(run: RunConfig, seed: int, store_fingerprint: Any, device_ty
     for key in ("num_workers", "cpu_threads", "log_every", "checkpoint_every"):
         cfg["train"].pop(key, None)
     # Settings added later count only when used, so that runs made before them keep their identity.
-    for key, default in (("fused_adam", False), ("bn_recalibration_slices", 0)):
+    for key, default in (("fused_adam", False), ("bn_recalibration_slices", 0), ("epoch_slices", None)):
         if cfg["train"].get(key) == default:
             cfg["train"].pop(key, None)
     if cfg["train"]["augment"].get("missing_sequence_p") == 0:

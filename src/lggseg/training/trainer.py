@@ -126,9 +126,9 @@ class _Trainer:
         self.data_path = self._data_path(len(train_idx) + len(val_share), size, cached)
         self.loader_gen = torch.Generator().manual_seed(seed)
         if self.data_path == "resident":
-            if cfg.empty_slice_fraction < 1:
-                raise ConfigError("train.empty_slice_fraction < 1 needs train.data_path: loader (the resident path "
-                                  "draws every slice each epoch)")
+            if cfg.empty_slice_fraction < 1 or cfg.epoch_slices is not None:
+                raise ConfigError("train.empty_slice_fraction < 1 and train.epoch_slices need train.data_path: loader "
+                                  "(the resident path draws every slice each epoch)")
 
             # the same contract as the loaders below: shuffled by (seed, epoch), drop_last, the rank's share
             self.train_loader = self._resident(shared, "train", train_idx, size, batch, augment=cfg.augment,
@@ -142,9 +142,10 @@ class _Trainer:
             train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
             val_ds = SliceDataset(store, val_share, size, None)
             # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
-            if cfg.empty_slice_fraction < 1:
+            if cfg.empty_slice_fraction < 1 or cfg.epoch_slices is not None:
                 is_tumour = store.table["tumour_pixels"].to_numpy()[train_idx] > 0
-                base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank)
+                base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank,
+                                            limit=cfg.epoch_slices)
             else:
                 base = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                           seed=seed, drop_last=True)
@@ -208,7 +209,10 @@ class _Trainer:
         """
         from lggseg.data.resident import choose_data_path
 
-        if cached and self.cfg.data_path == "auto" and self.info.device.type == "cuda":
+        subsampled = self.cfg.empty_slice_fraction < 1 or self.cfg.epoch_slices is not None
+        if subsampled and self.cfg.data_path == "auto":
+            path, why = "loader", "train.data_path: auto, and the epoch draw of train.empty_slice_fraction/epoch_slices needs it"
+        elif cached and self.cfg.data_path == "auto" and self.info.device.type == "cuda":
             path, why = "resident", "train.data_path: auto, the splits are already on the device (shared)"
         else:
             path, why = choose_data_path(self.cfg.data_path, self.info.device, n, size, self.n_attributes)
