@@ -56,6 +56,13 @@ class AttributeEncoder(nn.Module):
         )
 
     def forward(self, attributes: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Args:
+            attributes: ``(B, A)`` (cast to the MLP's dtype).
+            size: ``(h, w)`` of the deep feature the map is joined to.
+
+        Returns:
+            ``(B, channels, h, w)``, resized bilinearly from ``grid`` when ``size`` differs.
+        """
         x = self.mlp(attributes.to(self.mlp[0].weight.dtype))
         x = x.view(x.shape[0], self.channels, *self.grid)
         if tuple(size) != self.grid:
@@ -151,5 +158,13 @@ class UnetBaseline(RecordedNetwork, smp.Unet):
         self.name = f"u-tu-{name}"
 
     def forward(self, image: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, 1, H, W)`` of ``image (B, 3, H, W)`` (H, W divisible by 32); ``attributes`` is ignored."""
+        """Logits of ``image``.
+
+        Args:
+            image: normalised images ``(B, 3, H, W)``, H and W divisible by 32.
+            attributes: ignored (any value, or ``None``).
+
+        Returns:
+            logits ``(B, 1, H, W)``.
+        """
         return super().forward(image)

@@ -110,7 +110,15 @@ class TimmEncoder(TimmUniversalEncoder):
             )
 
     def image_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """smp's features of ``x (B, 3, H, W)``: ``[x, H/2, H/4, H/8, H/16, H/32 or the dilated deep one]``."""
+        """smp's features of the image alone.
+
+        Args:
+            x: images ``(B, 3, H, W)``.
+
+        Returns:
+            ``[x, H/2, H/4, H/8, H/16, H/32 or the dilated deep feature]`` as ``(B, C_i, H_i, W_i)``
+            (Swin-like encoders: an empty ``(B, 0, H/2, W/2)`` at H/2); the deep one without the joined map.
+        """
         return super().forward(x)
 
     def forward(self, x: torch.Tensor, join: JoinFn | None = None) -> list[torch.Tensor]:
@@ -164,6 +172,8 @@ class FusedStride16Encoder(TimmEncoder):
         return 16
 
     def image_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`TimmEncoder.image_features`, the last one the fused ``(B, C3 + C4, H/16, W/16)``;
+        ``x`` must be ``input_size`` x ``input_size``."""
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ModelError(
                 f"encoder {self.name} was built for {self.input_size}x{self.input_size} inputs "
@@ -296,7 +306,11 @@ def _build_failure(exc: BaseException, name: str, pretrained: bool, weights_file
 
 
 def feature_strides(encoder: nn.Module) -> list[int]:
-    """Stride of each feature of an smp timm encoder, aligned with ``encoder.out_channels``."""
+    """Stride of each feature of an smp timm encoder, aligned with ``encoder.out_channels``.
+
+    Returns:
+        ``[1, 2, 4, ...]``: feature ``i`` of ``encoder(x)`` is ``H / strides[i]`` high (1: the input itself).
+    """
     reductions = list(encoder.model.feature_info.reduction())
     if getattr(encoder, "_is_transformer_style", False):
         reductions = [2, *reductions]  # smp's empty H/2 placeholder
