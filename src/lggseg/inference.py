@@ -37,13 +37,21 @@ def infer_probabilities(
     out_size: Sequence[int] | None = None,
     tta: bool = False,
 ) -> torch.Tensor:
-    """Probabilities ``(B, H, W)`` float32 for a normalised batch ``image`` ``(B, 3, h, w)``.
+    """Sigmoid probabilities of a normalised batch.
 
-    ``attributes`` ``(B, A)`` goes to models with the attribute encoder (``None`` for the others).
-    The sigmoid probabilities are upsampled bilinearly to ``out_size`` (the native slice size) when
-    it differs from ``(h, w)``. With ``tta`` the probabilities of the identity, horizontal-flip and
-    vertical-flip views (each flipped back) are averaged. bf16 autocast on CUDA, as in training.
-    The model must be in eval mode; this runs under ``torch.inference_mode``.
+    With ``tta`` the probabilities of the identity, horizontal-flip and vertical-flip views (each
+    flipped back) are averaged. bf16 autocast on CUDA, as in training. The model must be in eval
+    mode; this runs under ``torch.inference_mode``.
+
+    Args:
+        model: a network of :func:`lggseg.models.build_model`.
+        image: ``(B, 3, h, w)``, normalised as :func:`lggseg.data.dataset.normalize_image`.
+        attributes: ``(B, A)`` for models with the attribute encoder, ``None`` for the others.
+        out_size: ``(H, W)`` to upsample to bilinearly (the native slice size); ``None`` keeps ``(h, w)``.
+        tta: average the three views.
+
+    Returns:
+        float32 ``(B, H, W)`` in [0, 1], on ``image``'s device.
     """
     views: list[tuple[int, ...]] = [(), (-1,), (-2,)] if tta else [()]
     cuda = image.device.type == "cuda"
@@ -64,7 +72,15 @@ def infer_probabilities(
 
 
 def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` slice -> float32 ``(3, s, s)`` model input, as ``SliceDataset`` in evaluation mode."""
+    """One slice as model input, exactly as ``SliceDataset`` in evaluation mode.
+
+    Args:
+        image: uint8 ``(H, W, 3)``.
+        image_size: side ``s`` of the model input.
+
+    Returns:
+        float32 ``(3, s, s)``, normalised with the ImageNet mean/std.
+    """
     # resize_pair also resizes a mask; the red channel stands in for it (its output is discarded).
     resized, _ = resize_pair(image, image[..., 0], image_size)
     return normalize_image(resized)
@@ -85,7 +101,12 @@ def find_model_dirs(models_dir: str | Path) -> dict[int, Path]:
 
 
 def attribute_order(store_names: list[str], model_names: list[str], where: str) -> np.ndarray:
-    """Column indices that put the store's attribute vector into the model's order."""
+    """Column indices that put the store's attribute vector into the model's order.
+
+    Returns:
+        int64 ``(len(model_names),)``: ``store_attributes[:, result]`` is in the model's order.
+        A model name the store lacks raises :class:`~lggseg.errors.DataError` naming ``where``.
+    """
     missing = [n for n in model_names if n not in store_names]
     if missing:
         raise DataError(f"{where}: the model needs attribute(s) {missing} that the manifest store lacks")
@@ -104,12 +125,21 @@ def predict_probabilities(
     desc: str = "predict",
     tta: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(store rows, probabilities float32 (B, H, W))`` at the store's native resolution.
+    """Probabilities of the store's slices ``indices``, batch by batch, at the store's native resolution.
 
     Inputs are resized to ``image_size`` exactly as in training (:class:`lggseg.data.dataset.SliceDataset`
-    in evaluation mode); ``attribute_index`` reorders the store's attribute columns into the
-    model's order (``None``: the model takes no attributes). The forward pass, sigmoid and bilinear
-    upsampling are :func:`lggseg.inference.infer_probabilities` (bf16 autocast on CUDA).
+    in evaluation mode). The forward pass, sigmoid and bilinear upsampling are
+    :func:`infer_probabilities` (bf16 autocast on CUDA); the model is put in eval mode.
+
+    Args:
+        model: a network of :func:`lggseg.models.build_model`, on ``device``.
+        store: a manifest store (:func:`lggseg.data.store.load_store`); masks ``(N, H, W)``.
+        indices: int ``(n,)`` store rows, in the order they are yielded.
+        attribute_index: from :func:`attribute_order` (store columns in the model's order), or
+            ``None`` for a model without attributes.
+
+    Yields:
+        ``(rows, prob)``: numpy int64 ``(B,)`` store rows and float32 ``(B, H, W)`` probabilities.
     """
     native = tuple(int(s) for s in store.masks.shape[1:3])
     loader = DataLoader(

@@ -107,6 +107,10 @@ region); BCE and Dice do the rest.
 
 ``CompoundLoss`` (eq. 13) sums ``alpha * BCE + beta * Dice + gamma_at(epoch) * Outlier`` over the
 terms listed in ``loss.terms`` and returns the unweighted, detached term values alongside.
+
+One module on purpose (over 450 lines): this docstring is the specification of eqs. 2-13 and of the
+readings (a)-(f), and the functions below implement it term by term; split, the readings would sit
+apart from the code they decide.
 """
 
 from __future__ import annotations
@@ -156,13 +160,29 @@ def _check_window(k: int, name: str = "k") -> None:
 
 
 def bce_map(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-pixel BCE of eq. 2, ``(B, 1, H, W)``, from logits (stable for any logit)."""
+    """Per-pixel BCE of eq. 2 from logits (stable for any logit).
+
+    Args:
+        logits: ``(B, 1, H, W)``, any float dtype (computed in float32).
+        target: ``(B, 1, H, W)`` in {0, 1}.
+
+    Returns:
+        float32 ``(B, 1, H, W)``.
+    """
     _check_pair(logits, target)
     return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
 
 
 def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Eq. 2 averaged over every pixel of the batch."""
+    """Eq. 2 averaged over every pixel of the batch.
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+        target: ``(B, 1, H, W)`` in {0, 1} (empty masks need no special case).
+
+    Returns:
+        float32 scalar.
+    """
     _check_pair(logits, target)
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
@@ -170,8 +190,15 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
 def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0, per_sample: bool = False) -> Tensor:
     """Soft Dice loss of eq. 3 on ``sigmoid(logits)``.
 
-    Sums run over the whole batch unless ``per_sample``, which computes one loss per image and
-    averages them. Empty target and empty prediction give 0 (with ``smooth > 0``).
+    Args:
+        logits: ``(B, 1, H, W)``.
+        target: ``(B, 1, H, W)`` in {0, 1}.
+        smooth: added to numerator and denominator, >= 0.
+        per_sample: one loss per image, averaged, instead of sums over the whole batch.
+
+    Returns:
+        float32 scalar in [0, 1]. Empty target and empty prediction give 0 (with ``smooth > 0``);
+        an empty target with predicted mass ``m`` gives ``m / (m + smooth)``.
     """
     _check_pair(logits, target)
     if smooth < 0:
@@ -206,10 +233,16 @@ def _pad_spec(ndim: int, dim: int, before: int, after: int) -> list[int]:
 
 
 def box_sum(x: Tensor, k: int) -> Tensor:
-    """Sum of ``x`` over the ``k x k`` window centred on each pixel; ``x`` is ``(B, C, H, W)``.
+    """Sum of ``x`` over the ``k x k`` window centred on each pixel.
 
-    Outside the image counts as 0. O(1) work per pixel for any odd ``k`` (separable running sums in
-    float64); the result has the dtype of ``x`` and is differentiable.
+    O(1) work per pixel for any odd ``k`` (separable running sums in float64); differentiable.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        k: window side, a positive odd integer.
+
+    Returns:
+        ``(B, C, H, W)`` in the dtype of ``x``; pixels outside the image count as 0.
     """
     _check_window(k)
     if x.dim() != 4:
@@ -255,11 +288,20 @@ def check_outlier_windows(cfg: LossConfig) -> None:
 
 
 def outlier_parts(prob: Tensor, cfg: LossConfig, white: Tensor | None = None) -> OutlierParts:
-    """Eqs. 4-11 on probabilities ``prob`` ``(B, 1, H, W)``.
+    """Eqs. 4-11 on probabilities.
 
-    Counts use ``prob`` itself (``cfg.counts == "soft"``) or ``Round(prob)`` (``"hard"``).
-    ``white`` is ``Round(X)`` as a bool map; by default ``prob > 0.5`` (pass ``logits > 0`` to avoid
-    the sigmoid's rounding near 0.5).
+    Args:
+        prob: ``(B, 1, H, W)`` in [0, 1] (computed in float32).
+        cfg: ``i``, ``j``, ``threshold``, ``smooth``; counts use ``prob`` itself (``counts: soft``)
+            or ``Round(prob)`` (``hard``).
+        white: ``Round(X)`` as a bool ``(B, 1, H, W)``; by default ``prob > 0.5`` (pass
+            ``logits > 0`` to avoid the sigmoid's rounding near 0.5).
+
+    Returns:
+        :class:`OutlierParts`, every map ``(B, 1, H, W)``: counts and densities float32, masks and
+        ``white`` bool. ``density_map`` is 0 wherever the mask of the pixel's predicted colour does
+        not hold, so an empty prediction gets 0 wherever its ring holds more than ``threshold``
+        black mass.
     """
     if prob.dim() != 4 or prob.shape[1] != 1:
         raise ValueError(
@@ -303,7 +345,15 @@ def outlier_parts(prob: Tensor, cfg: LossConfig, white: Tensor | None = None) ->
 
 
 def density_map(logits: Tensor, cfg: LossConfig) -> Tensor:
-    """DensityMap of eq. 11 for logits ``(B, 1, H, W)`` (see module docstring for the choices)."""
+    """DensityMap of eq. 11 (see the module docstring for the choices).
+
+    Args:
+        logits: ``(B, 1, H, W)``; ``Round(X)`` is ``logits > 0``.
+        cfg: the outlier settings, as for :func:`outlier_parts`.
+
+    Returns:
+        float32 ``(B, 1, H, W)``, >= 0 (0 off the masks of eqs. 9-10).
+    """
     return outlier_parts(torch.sigmoid(logits.float()), cfg, white=logits > 0).density_map
 
 
@@ -314,7 +364,17 @@ def _reduce(per_pixel: Tensor, reduction: str) -> Tensor:
 
 
 def outlier_loss(logits: Tensor, target: Tensor, cfg: LossConfig) -> Tensor:
-    """Eq. 12, ``reduce(BCE - DensityMap)``, with ``cfg.reduction`` (the paper's outlier term)."""
+    """Eq. 12, ``reduce(BCE - DensityMap)`` (the paper's outlier term).
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+        target: ``(B, 1, H, W)`` in {0, 1}.
+        cfg: the outlier settings; ``cfg.reduction`` ``mean`` (over all pixels of the batch) or
+            ``sum`` (per image, averaged over the batch).
+
+    Returns:
+        float32 scalar; may be negative (the DensityMap is subtracted).
+    """
     _check_pair(logits, target)
     per_pixel = bce_map(logits, target) - density_map(logits, cfg)
     return _reduce(per_pixel, cfg.reduction)
@@ -324,11 +384,19 @@ def outlier_loss(logits: Tensor, target: Tensor, cfg: LossConfig) -> Tensor:
 
 
 def isolated_mask(logits: Tensor, i: int, j: int) -> Tensor:
-    """Bool ``(B, 1, H, W)``: pixels in a predicted region of at most ``i*i`` pixels within ``N_j``.
+    """Pixels in a predicted region of at most ``i*i`` pixels within ``N_j``.
 
     A predicted-white pixel is isolated when its ``j x j`` window holds at most ``i*i`` predicted-white
     pixels; a predicted-black one when it holds at most ``i*i`` predicted-black pixels, outside the
     image counting as black.
+
+    Args:
+        logits: ``(B, 1, H, W)``; the prediction is ``logits > 0``.
+        i: largest region side, odd.
+        j: window side, odd.
+
+    Returns:
+        bool ``(B, 1, H, W)``, without gradient. An empty prediction has no isolated pixel.
     """
     _check_window(i, "i")
     _check_window(j, "j")
@@ -341,7 +409,17 @@ def isolated_mask(logits: Tensor, i: int, j: int) -> Tensor:
 
 
 def isolated_bce_loss(logits: Tensor, target: Tensor, cfg: LossConfig) -> Tensor:
-    """BCE averaged over the isolated pixels of :func:`isolated_mask` (0 when there are none)."""
+    """BCE over the isolated pixels of :func:`isolated_mask`.
+
+    Args:
+        logits: ``(B, 1, H, W)``.
+        target: ``(B, 1, H, W)`` in {0, 1}.
+        cfg: ``i``, ``j`` and ``reduction`` (``mean``: over all isolated pixels of the batch;
+            ``sum``: summed per image, averaged over the batch).
+
+    Returns:
+        float32 scalar; 0 when no pixel is isolated (e.g. an empty prediction).
+    """
     _check_pair(logits, target)
     weight = isolated_mask(logits, cfg.i, cfg.j).float()
     weighted = bce_map(logits, target) * weight
@@ -356,9 +434,8 @@ def isolated_bce_loss(logits: Tensor, target: Tensor, cfg: LossConfig) -> Tensor
 class CompoundLoss(nn.Module):
     """Eq. 13: ``alpha * BCE + beta * Dice + gamma_at(epoch) * Outlier`` over ``cfg.terms``.
 
-    ``forward(logits, target, epoch=0)`` returns ``(total, parts)``; ``parts`` maps each term in
-    ``cfg.terms`` to its unweighted value (detached 0-d tensor). A term whose weight is 0 at this
-    epoch (the outlier term during warm-up) is still reported but computed without autograd.
+    A term whose weight is 0 at this epoch (the outlier term during warm-up) is still reported but
+    computed without autograd.
     """
 
     def __init__(self, cfg: LossConfig) -> None:
@@ -368,6 +445,7 @@ class CompoundLoss(nn.Module):
         self.cfg = cfg
 
     def weights(self, epoch: int = 0) -> dict[str, float]:
+        """Each term of ``cfg.terms`` -> its weight at ``epoch``."""
         w = {t: float(self.cfg.weight(t)) for t in self.cfg.terms}
         if "outlier" in w:
             w["outlier"] = self.cfg.gamma_at(epoch)
@@ -383,6 +461,15 @@ class CompoundLoss(nn.Module):
         return outlier_loss(logits, target, self.cfg)
 
     def forward(self, logits: Tensor, target: Tensor, epoch: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Args:
+            logits: ``(B, 1, H, W)``, any float dtype (the loss is float32).
+            target: ``(B, 1, H, W)`` in {0, 1}.
+            epoch: picks the outlier weight (``cfg.gamma_at``).
+
+        Returns:
+            ``(total, parts)``: float32 scalar with a graph, and each term of ``cfg.terms`` ->
+            its unweighted value (detached scalar).
+        """
         _check_pair(logits, target)
         logits = logits.float()
         total = logits.new_zeros(())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from lggseg.bench import measures, run, timing
+from lggseg.bench import loader, run, step, timing
 from lggseg.config import ConfigError, LossConfig, TrainConfig, read_params
 from lggseg.errors import DataError
 
@@ -73,7 +73,7 @@ def test_bad_bench_section_is_rejected(section, message):
 
 def test_j_smaller_than_i_is_rejected_before_any_work():
     with pytest.raises(ConfigError, match="smaller than loss.j"):
-        measures.bench_losses(LossConfig(i=7, j=21), torch.zeros(2, 1, 16, 16), 1.0, (5,), CPU, timing.BenchParams().cpu)
+        step.bench_losses(LossConfig(i=7, j=21), torch.zeros(2, 1, 16, 16), 1.0, (5,), CPU, timing.BenchParams().cpu)
 
 
 @pytest.mark.parametrize("seconds", [0.0, -3.0, float("nan"), float("inf")])
@@ -143,22 +143,22 @@ def test_time_interleaved_takes_turns(warmup, reps, order):
     ],
 )
 def test_cpu_candidates(candidates, expected, monkeypatch):
-    monkeypatch.setattr(measures, "cpu_bf16", lambda: {"supported": True, "native": True})
-    setups = measures.candidate_setups(TrainConfig(), CPU, replace(timing.BenchParams(), candidates=candidates))
+    monkeypatch.setattr(step, "cpu_bf16", lambda: {"supported": True, "native": True})
+    setups = step.candidate_setups(TrainConfig(), CPU, replace(timing.BenchParams(), candidates=candidates))
     assert [s.name for s in setups] == expected
     assert not any(s.compile for s in setups)  # never compiled on CPU
 
 
 def test_cpu_without_bf16_gets_no_bf16_candidate(monkeypatch):
-    monkeypatch.setattr(measures, "cpu_bf16", lambda: {"supported": False, "native": False})
-    names = [s.name for s in measures.candidate_setups(TrainConfig(), CPU, timing.BenchParams())]
+    monkeypatch.setattr(step, "cpu_bf16", lambda: {"supported": False, "native": False})
+    names = [s.name for s in step.candidate_setups(TrainConfig(), CPU, timing.BenchParams())]
     assert names == ["baseline", "ours", "channels_last"]
 
 
 def test_duplicate_setups_are_timed_once():
-    setups = [measures.StepSetup("baseline"), measures.StepSetup("ours"), measures.StepSetup("cl", channels_last=True),
-              measures.StepSetup("cl2", channels_last=True)]
-    assert [s.name for s in measures._unique(setups)] == ["baseline", "cl"]
+    setups = [step.StepSetup("baseline"), step.StepSetup("ours"), step.StepSetup("cl", channels_last=True),
+              step.StepSetup("cl2", channels_last=True)]
+    assert [s.name for s in step._unique(setups)] == ["baseline", "cl"]
 
 
 @pytest.mark.parametrize(
@@ -175,9 +175,9 @@ def test_duplicate_setups_are_timed_once():
 def test_loop_variants(monkeypatch, device, cores, threads, workers, best_is_ours, expected):
     monkeypatch.setattr(timing.os, "cpu_count", lambda: cores)
     monkeypatch.setattr(timing.torch, "get_num_threads", lambda: threads)
-    ours = measures.StepSetup("ours", deterministic=True)
-    best = ours if best_is_ours else measures.StepSetup("bf16", bf16=True)
-    variants = measures.loop_variants(best, ours, torch.device(device), workers)
+    ours = step.StepSetup("ours", deterministic=True)
+    best = ours if best_is_ours else step.StepSetup("bf16", bf16=True)
+    variants = loader.loop_variants(best, ours, torch.device(device), workers)
     assert [s.name for s, _ in variants] == expected
     for setup, env in variants:
         assert env == ({"OMP_WAIT_POLICY": "PASSIVE"} if setup.name.endswith("omp_passive") else {})
@@ -206,8 +206,8 @@ class _Conv(nn.Module):
 )
 def test_forward_flops_per_image(cin, cout, k, groups, hw, flops):
     model = _Conv(cin, cout, k, groups)
-    batch = measures.Batch(torch.randn(4, cin, hw, hw), torch.zeros(4, 1, hw, hw), None)
-    assert measures.forward_flops(model, batch) == flops
+    batch = step.Batch(torch.randn(4, cin, hw, hw), torch.zeros(4, 1, hw, hw), None)
+    assert step.forward_flops(model, batch) == flops
     assert model.training  # restored
 
 
@@ -219,7 +219,7 @@ def test_loss_costs_have_every_term_and_the_j_sweep():
     target = torch.zeros(2, 1, 48, 48)
     target[:, :, 10:20, 10:20] = 1
     prof = timing.DeviceProfile(batch_size=2, warmup=0, reps=1, loss_reps=1, data_batches=1, infer_batches=1, matmul_size=8)
-    out = measures.bench_losses(LossConfig(terms=timing.ALL_TERMS, i=3, j=5), target, 0.5, (5, 9, 13), CPU, prof)
+    out = step.bench_losses(LossConfig(terms=timing.ALL_TERMS, i=3, j=5), target, 0.5, (5, 9, 13), CPU, prof)
     assert set(out["terms"]) == {"bce", "dice", "outlier", "outlier_paper", "outlier_isolated_bce", "compound"}
     assert out["terms"]["outlier"]["mode"] == "paper"
     for term in out["terms"].values():
@@ -254,10 +254,10 @@ def _windowed_sum_loss(cfg, mode):
 @pytest.mark.parametrize(("fn", "flat"), [(None, True), (_windowed_sum_loss, False)], ids=["box_sum", "direct_window"])
 def test_flatness_check_tells_o1_from_oj2(monkeypatch, fn, flat):
     if fn is not None:
-        monkeypatch.setattr(measures, "outlier_loss_fn", fn)
+        monkeypatch.setattr(step, "outlier_loss_fn", fn)
     prof = timing.DeviceProfile(batch_size=2, warmup=1, reps=1, loss_reps=5, data_batches=1, infer_batches=1, matmul_size=8)
     target = (torch.rand(2, 1, 128, 128) > 0.9).float()
-    out = measures.bench_losses(LossConfig(terms=timing.ALL_TERMS, i=1, j=3), target, 1.0, (3, 31), CPU, prof)
+    out = step.bench_losses(LossConfig(terms=timing.ALL_TERMS, i=1, j=3), target, 1.0, (3, 31), CPU, prof)
     assert all(v["flat"] is flat for v in out["outlier_by_j"]["flatness"].values())
 
 
@@ -276,7 +276,7 @@ def test_demo_time_from_file(tmp_path, content, seconds, source):
     path = tmp_path / "demo_time.json"
     if content is not None:
         path.write_text(json.dumps(content))
-    out = measures.demo_time(None, path)
+    out = timing.demo_time(None, path)
     assert out["seconds"] == seconds
     if source == "file":
         assert out["source"] == str(path)
@@ -287,7 +287,7 @@ def test_demo_time_from_file(tmp_path, content, seconds, source):
 def test_demo_seconds_argument_wins_over_the_file(tmp_path):
     path = tmp_path / "demo_time.json"
     path.write_text(json.dumps({"seconds": 5}))
-    assert measures.demo_time(321.0, path) == {"seconds": 321.0, "source": "--demo-seconds"}
+    assert timing.demo_time(321.0, path) == {"seconds": 321.0, "source": "--demo-seconds"}
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"seconds": -1}', '{"seconds": true}', '{"wall": 3}'])
@@ -295,7 +295,7 @@ def test_bad_demo_time_file_is_an_error(tmp_path, text):
     path = tmp_path / "demo_time.json"
     path.write_text(text)
     with pytest.raises(DataError, match="demo_time.json"):
-        measures.demo_time(None, path)
+        timing.demo_time(None, path)
 
 
 def test_merge_keeps_other_devices(tmp_path):
@@ -405,14 +405,14 @@ def test_store_is_the_given_one_or_a_synthetic_one(tmp_path):
 
     params = read_params(_tiny_params(tmp_path))
     cfg = timing.bench_config(params, demo_time_file=None)
-    with measures.open_store(cfg) as (store, source):
+    with loader.open_store(cfg) as (store, source):
         assert source == "synthetic demo store (3 cases)"
         root = Path(store.root)
         assert len(store.indices("train")) > 0
     assert not root.exists()  # the temporary store is removed
     raw = generate_demo(tmp_path / "raw", n_cases=3, seed=5)
     build_manifest(raw, tmp_path / "manifest", load_section("common", params), load_section("manifest", params))
-    with measures.open_store(replace(cfg, data_dir=tmp_path / "manifest")) as (store, source):
+    with loader.open_store(replace(cfg, data_dir=tmp_path / "manifest")) as (store, source):
         assert source == str(tmp_path / "manifest") and len(store) > 0
 
 
@@ -447,7 +447,7 @@ def test_data_paths_and_concurrent_variants_at_a_tiny_size(tmp_path):
     cfg = _paths_config(tmp_path)
     profile = timing.DeviceProfile(batch_size=2, warmup=0, reps=2, loss_reps=1, data_batches=1, infer_batches=1,
                                   matmul_size=8)
-    with measures.open_store(cfg) as (store, _):
+    with loader.open_store(cfg) as (store, _):
         paths = bench_data_paths(cfg, store, CPU, profile, 2)
     assert list(paths["sizes"]) == ["32px", "48px"] and paths["rounds"] == 2 and paths["steps_per_block"] == 2
     for entry in paths["sizes"].values():

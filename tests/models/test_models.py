@@ -96,7 +96,7 @@ def test_output_shape_and_gradients(regnet: torch.nn.Module) -> None:
 
 def test_regnetz_040_features_match_section_3_2(regnet_attr: torch.nn.Module) -> None:
     image, _ = _inputs()
-    features = regnet_attr.encoder(image)
+    features = regnet_attr.encoder.image_features(image)
     # section 3.2: 48 x H/4 (low level) and 528 x H/16 (deep)
     assert tuple(features[2].shape) == (BATCH, 48, SIZE // 4, SIZE // 4)
     assert tuple(features[-1].shape) == (BATCH, 528, SIZE // 16, SIZE // 16)
@@ -224,9 +224,10 @@ def test_table4_encoder_builds_and_trains(encoder: str) -> None:
 def test_swin_adapter_fuses_stage3_and_stage4() -> None:
     model = _build(encoder="swinv2_base_window8_256", attributes=True)
     assert isinstance(model.encoder, FusedStride16Encoder)
-    assert model.encoder.out_channels[-1] == 512 + 1024
-    assert model.decoder.aspp[0].convs[0][0].in_channels == 512 + 1024 + 3
     image, attrs = _inputs()
+    assert model.encoder.image_features(image)[-1].shape[1] == 512 + 1024
+    assert model.encoder.out_channels[-1] == 512 + 1024 + 3  # with the joined attribute map
+    assert model.decoder.aspp[0].convs[0][0].in_channels == 512 + 1024 + 3
     _assert_trains(model, image, attrs)
     with pytest.raises(ModelError, match="built for 64x64"):
         model(*_inputs(size=2 * SIZE))

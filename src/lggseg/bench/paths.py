@@ -4,7 +4,7 @@ both and stores them in the device's block of ``metrics/bench.json`` (``data_pat
 
 **Data paths** (:func:`bench_data_paths`): images/s of a whole training step including its data, the
 step :mod:`lggseg.training.trainer` runs on this device (:func:`lggseg.training.step.step_setup`), fed once by the
-training DataLoader (:func:`lggseg.bench.measures.make_loader`: memmap read, resize, albumentations on
+training DataLoader (:func:`lggseg.bench.loader.make_loader`: memmap read, resize, albumentations on
 ``train.num_workers`` workers, copy to the device) and once by :class:`lggseg.data.resident.ResidentBatches`
 (the split on the device, batched and augmented there), at each size of ``bench.path_sizes`` (64 and
 256 px). Both start from the same weights with a fresh Adam; each path is timed as the wall time of
@@ -84,7 +84,7 @@ def time_block(next_batch: Callable[[], dict[str, torch.Tensor]], step: Callable
 
 def bench_data_paths(cfg: Any, store: Any, device: torch.device, profile: Any, batch_size: int) -> dict[str, Any]:
     """Images/s of the training step fed by each data path at each ``bench.path_sizes`` (see the module doc)."""
-    from lggseg.bench.measures import make_loader
+    from lggseg.bench.loader import make_loader
     from lggseg.data.resident import ResidentBatches
     from lggseg.losses import CompoundLoss
     from lggseg.models import build_model

@@ -41,6 +41,10 @@ neighbour slows them alike and their ratios hold. The loader-fed loop is timed a
 ``reps`` steps between two synchronisations. Timings are still noisy on a shared machine: the
 load average before and after is recorded (``machine_load``) and ``all_s`` keeps every repetition. The input of the isolated step is one augmented batch of the store, the
 weights are random (speed does not depend on them), and every set-up starts from the same weights.
+
+Modules: :mod:`~lggseg.bench.step` measures 1, 2 and 4 on the fixed batch, :mod:`~lggseg.bench.loader`
+3 and the loader-fed loop, :mod:`~lggseg.bench.paths` 5; :mod:`~lggseg.bench.timing` holds the
+parameters, the timers and 6.
 """
 
 from __future__ import annotations
@@ -57,25 +61,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lggseg.bench.measures import (
-    bench_data,
-    bench_inference,
-    bench_losses,
-    bench_training,
-    bench_with_loader,
-    candidate_setups,
-    demo_time,
-    first_batch,
-    forward_flops,
-    loop_variants,
-    open_store,
-)
+from lggseg.bench.loader import bench_data, bench_with_loader, first_batch, loop_variants, open_store
+from lggseg.bench.step import bench_inference, bench_losses, bench_training, candidate_setups, forward_flops
 from lggseg.bench.timing import (
     DATA_RATIO_TARGET,
     DEMO_TIME_FILE,
     BenchConfig,
     _r,
     bench_config,
+    demo_time,
     device_info,
     device_key,
     load_average,

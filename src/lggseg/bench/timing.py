@@ -1,4 +1,5 @@
-"""What the benchmark measures with: its parameters (``bench`` section), device facts, and the timers.
+"""What the benchmark measures with: its parameters (``bench`` section), device facts, the timers, and
+the demo's wall time (:func:`demo_time`).
 
 Part of ``lggseg bench`` (:mod:`lggseg.bench.run` has the whole story in its docstring).
 """
@@ -6,6 +7,7 @@ Part of ``lggseg bench`` (:mod:`lggseg.bench.run` has the whole story in its doc
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -31,6 +33,7 @@ from lggseg.config import (
     load_section,
     read_params,
 )
+from lggseg.errors import DataError
 from lggseg.runtime import cpu_bf16, cpu_name
 
 DATA_RATIO_TARGET = 1.5
@@ -305,3 +308,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     times = time_calls(lambda: torch.mm(a, b), device, warmup, reps)
     return 2.0 * n**3 / statistics.median(times) / 1e12
+
+
+# --------------------------------------------------------------------------- demo time
+
+
+def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
+    """The demo ``dvc repro`` wall time, from the command line or from the file the demo writes."""
+    if seconds is not None:
+        return {"seconds": _r(seconds), "source": "--demo-seconds"}
+    if path is not None and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable demo time file ({exc})") from None
+        value = data.get("seconds") if isinstance(data, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise DataError(f"{path}: expected a JSON object with a positive 'seconds', got {data!r}")
+        return {"seconds": _r(float(value)), "source": str(path)}
+    where = f" or write {path}" if path is not None else ""
+    return {"seconds": None, "source": f"not measured: pass --demo-seconds{where}"}

@@ -32,7 +32,14 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)``: x/255, then ImageNet mean/std (the encoders' pretraining)."""
+    """x/255, then ImageNet mean/std (the encoders' pretraining), channels first.
+
+    Args:
+        image: uint8 ``(H, W, 3)``; anything else raises :class:`~lggseg.errors.DataError`.
+
+    Returns:
+        float32 ``(3, H, W)``, C-contiguous.
+    """
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"normalize_image expects an (H, W, 3) image, got shape {image.shape}")
     if image.dtype != np.uint8:
@@ -57,7 +64,16 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 
     With OpenCV (installed with albumentations) ``cv2.resize``; without it (a lean environment:
     the device-resident path and evaluation need neither) :func:`resize_images` / :func:`resize_masks`,
-    which give OpenCV's pixels when downscaling (``tests/test_resident.py`` compares them).
+    which give OpenCV's pixels when downscaling (``tests/data/test_resident.py`` compares them).
+
+    Args:
+        image: uint8 ``(H, W, 3)``.
+        mask: uint8 ``(H, W)``.
+        size: target side.
+
+    Returns:
+        ``(image (size, size, 3), mask (size, size))`` uint8; the inputs themselves when already
+        ``size`` x ``size``. An empty mask stays empty.
     """
     if image.shape[0] == size and image.shape[1] == size:
         return image, mask
@@ -71,7 +87,12 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 
 
 def area_weights(src: int, dst: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(dst, src)`` float32 matrix of ``cv2.INTER_AREA`` downscaling: the share of each source pixel in each target pixel."""
+    """The matrix of ``cv2.INTER_AREA`` downscaling along one axis.
+
+    Returns:
+        float32 ``(dst, src)`` on ``device``: the share of each source pixel in each target pixel
+        (each row sums to 1).
+    """
     scale = src / dst
     i = torch.arange(dst, dtype=torch.float64)[:, None]
     j = torch.arange(src, dtype=torch.float64)[None, :]
@@ -80,9 +101,16 @@ def area_weights(src: int, dst: int, device: torch.device | None = None) -> torc
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> uint8 ``(N, size, size, 3)`` as ``cv2.resize(..., INTER_AREA)`` (downscaling).
+    """Images resized as ``cv2.resize(..., INTER_AREA)`` does when downscaling.
 
     Upscaling (a size above the stored one) is bilinear, which is close to but not OpenCV's area upscaling.
+
+    Args:
+        images: uint8 ``(N, H, W, 3)``, on any device.
+        size: target side.
+
+    Returns:
+        uint8 ``(N, size, size, 3)`` on the same device (``images`` itself when already that size).
     """
     n, h, w, _ = images.shape
     if h == size and w == size:
@@ -99,7 +127,15 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` -> ``(N, size, size)``, nearest neighbour (the pixels ``cv2.INTER_NEAREST`` picks)."""
+    """Masks resized by nearest neighbour (the pixels ``cv2.INTER_NEAREST`` picks), so they stay binary.
+
+    Args:
+        masks: uint8 ``(N, H, W)``.
+        size: target side.
+
+    Returns:
+        uint8 ``(N, size, size)`` (``masks`` itself when already that size); empty masks stay empty.
+    """
     if masks.shape[1] == size and masks.shape[2] == size:
         return masks
     return F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
@@ -114,7 +150,7 @@ MISSING_SEQUENCE_PATTERNS = ((True, False, False), (False, False, True), (True, 
 
 
 def missing_sequence_channels(image: np.ndarray, pattern: int) -> np.ndarray:
-    """``(H, W, 3)`` image with the channels of ``MISSING_SEQUENCE_PATTERNS[pattern]`` replaced by FLAIR (channel 1)."""
+    """A copy of ``image (H, W, 3)`` with the channels of ``MISSING_SEQUENCE_PATTERNS[pattern]`` replaced by FLAIR (channel 1)."""
     out = image.copy()
     for c, missing in enumerate(MISSING_SEQUENCE_PATTERNS[pattern]):
         if missing:
@@ -317,7 +353,12 @@ class EmptySliceSubsampler(Sampler):
         self.epoch = int(epoch)
 
     def positions(self) -> np.ndarray:
-        """All ranks' positions of this epoch, in order (before sharding)."""
+        """All ranks' positions of this epoch, in order (before sharding).
+
+        Returns:
+            int ``(total,)`` positions into the dataset: every tumour slice and this epoch's draw of
+            empty ones, shuffled, cut to a multiple of the ranks.
+        """
         rng = np.random.default_rng([self.seed, self.epoch])
         chosen = np.concatenate([self.tumour, rng.choice(self.empty, self.n_empty, replace=False)])
         return rng.permutation(chosen)[: self.total]

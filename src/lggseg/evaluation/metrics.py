@@ -108,7 +108,15 @@ def iou_from_counts(intersection: float, truth_pixels: float, pred_pixels: float
 
 
 def confusion(pred: Any, truth: Any) -> Confusion:
-    """True/false positive/negative pixel counts."""
+    """True/false positive/negative pixel counts.
+
+    Args:
+        pred: predicted mask, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+
+    Returns:
+        :class:`Confusion` of ints (all zero but ``tn`` for two empty masks).
+    """
     p, t = _pair(pred, truth)
     tp = int(np.count_nonzero(p & t))
     fp = int(np.count_nonzero(p)) - tp
@@ -117,13 +125,29 @@ def confusion(pred: Any, truth: Any) -> Confusion:
 
 
 def dice(pred: Any, truth: Any) -> float:
-    """Dice coefficient (eq. 14). Both empty -> 1.0; exactly one empty -> 0.0."""
+    """Dice coefficient (eq. 14).
+
+    Args:
+        pred: predicted mask, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+
+    Returns:
+        float in [0, 1]; both masks empty -> 1.0, exactly one empty -> 0.0.
+    """
     c = confusion(pred, truth)
     return dice_from_counts(c.tp, c.tp + c.fn, c.tp + c.fp)
 
 
 def iou(pred: Any, truth: Any) -> float:
-    """Intersection over union. Both empty -> 1.0; exactly one empty -> 0.0."""
+    """Intersection over union.
+
+    Args:
+        pred: predicted mask, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+
+    Returns:
+        float in [0, 1]; both masks empty -> 1.0, exactly one empty -> 0.0.
+    """
     c = confusion(pred, truth)
     return iou_from_counts(c.tp, c.tp + c.fn, c.tp + c.fp)
 
@@ -131,7 +155,12 @@ def iou(pred: Any, truth: Any) -> float:
 def boundary(mask: Any) -> np.ndarray:
     """Boundary pixels of a mask: the mask minus its binary erosion by a 4-connected cross.
 
-    Pixels on the image border count as boundary (outside the image is background).
+    Args:
+        mask: bool or integer 2D mask ``(H, W)``.
+
+    Returns:
+        bool ``(H, W)``; pixels on the image border count as boundary (outside is background), an
+        empty mask has none.
     """
     m = _as_mask(mask, "mask")
     return m & ~ndimage.binary_erosion(m, structure=_CROSS, border_value=0)
@@ -145,7 +174,14 @@ def hd95(pred: Any, truth: Any) -> float:
     Euclidean distances go from each boundary pixel to the nearest boundary pixel of the other
     mask (``scipy.ndimage.distance_transform_edt``), and the result is the larger of the two
     directed 95th percentiles (linear interpolation). Computed with scipy because importing
-    MONAI costs seconds. NaN when either mask is empty (the distance to nothing is undefined).
+    MONAI costs seconds.
+
+    Args:
+        pred: predicted 2D mask ``(H, W)``, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+
+    Returns:
+        float, pixels; NaN when either mask is empty (the distance to nothing is undefined).
     """
     p, t = _pair(pred, truth)
     if p.ndim != 2:
@@ -168,11 +204,16 @@ def _structure(connectivity: int) -> np.ndarray:
 
 
 def components(mask: Any, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components of a 2D mask: ``(labels, areas)``.
+    """Connected components of a 2D mask.
 
-    ``labels`` is ``scipy.ndimage.label``'s int32 image (0 = background, 1..n = components) and
-    ``areas[k - 1]`` is the pixel count of component ``k``. ``connectivity`` is 4 (edge
-    neighbours) or 8 (edge and corner neighbours).
+    Args:
+        mask: bool or integer ``(H, W)``.
+        connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours).
+
+    Returns:
+        ``(labels, areas)``: ``scipy.ndimage.label``'s int32 ``(H, W)`` image (0 = background,
+        1..n = components) and int ``(n,)`` with ``areas[k - 1]`` the pixel count of component
+        ``k``; an empty mask gives all-zero labels and ``areas`` of length 0.
     """
     m = _as_mask(mask, "mask")
     if m.ndim != 2:
@@ -188,6 +229,15 @@ def noise_components(pred: Any, truth: Any, max_area: int, connectivity: int = 8
     These are the isolated noise-like regions the outlier loss targets (section 3.4.3, with
     ``max_area = noise_side**2 = 49``). A small component overlapping the truth is a (poor)
     detection, not noise, so it is not counted.
+
+    Args:
+        pred: predicted 2D mask ``(H, W)``, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+        max_area: components with fewer pixels than this count.
+        connectivity: 4 or 8.
+
+    Returns:
+        int >= 0; 0 for an empty prediction.
     """
     p, t = _pair(pred, truth)
     labels, areas = components(p, connectivity)
@@ -200,7 +250,18 @@ def noise_components(pred: Any, truth: Any, max_area: int, connectivity: int = 8
 
 
 def slice_stats(pred: Any, truth: Any, *, noise_max_area: int, connectivity: int = 8) -> dict[str, float | int]:
-    """Every per-slice quantity :func:`summarize` needs (the metric columns of a slice row)."""
+    """Every per-slice quantity :func:`summarize` needs (the metric columns of a slice row).
+
+    Args:
+        pred: predicted 2D mask ``(H, W)``, bool or integer (nonzero = foreground; floats are refused).
+        truth: ground-truth mask of the same shape and kinds.
+        noise_max_area: ``max_area`` of :func:`noise_components`.
+        connectivity: 4 or 8.
+
+    Returns:
+        ``truth_pixels``, ``pred_pixels``, ``intersection`` (ints), ``dice``, ``iou`` (1.0 when both
+        masks are empty), ``hd95`` (NaN when either is empty) and ``noise_components``.
+    """
     p, t = _pair(pred, truth)
     c = confusion(p, t)
     truth_px, pred_px = c.tp + c.fn, c.tp + c.fp
@@ -227,8 +288,17 @@ def bootstrap_ci(
 
     Each replicate draws as many groups as there are, with replacement, and pools the values
     of every drawn group (a group drawn twice contributes its values twice), so slices of one
-    patient are never treated as independent. Returns the ``(1-level)/2`` and ``(1+level)/2``
-    percentiles of the replicate statistics; ``(nan, nan)`` when there are no values.
+    patient are never treated as independent.
+
+    Args:
+        values: float ``(N,)``, one value per row (slice or patient).
+        groups: ``(N,)`` group label of each value (patient id).
+        stat: statistic of a pooled replicate (default the mean).
+        n_samples, seed, level: replicates, generator seed, interval level in (0, 1).
+
+    Returns:
+        ``(lo, hi)``: the ``(1-level)/2`` and ``(1+level)/2`` percentiles of the replicate
+        statistics; ``(nan, nan)`` when there are no values.
     """
     vals = np.asarray(values, dtype=float)
     grp = np.asarray(groups)

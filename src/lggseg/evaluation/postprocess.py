@@ -24,8 +24,13 @@ from lggseg.evaluation.metrics import components
 def remove_small_components(mask: Any, min_area: int, connectivity: int = 8) -> np.ndarray:
     """``mask`` without its connected components of fewer than ``min_area`` pixels.
 
-    ``connectivity`` is 4 or 8 (scipy.ndimage.label neighbourhoods). ``min_area`` 0 (or 1) keeps
-    everything. Returns a new boolean array; the input is not modified.
+    Args:
+        mask: bool or integer 2D mask ``(H, W)`` (nonzero = foreground).
+        min_area: smallest area kept, >= 0; 0 or 1 keeps everything.
+        connectivity: 4 or 8 (scipy.ndimage.label neighbourhoods).
+
+    Returns:
+        a new bool ``(H, W)``; an empty mask stays empty. The input is not modified.
     """
     if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 0:
         raise ValueError(f"min_area must be a non-negative integer, got {min_area!r}")
@@ -37,11 +42,16 @@ def remove_small_components(mask: Any, min_area: int, connectivity: int = 8) -> 
 
 
 def keep_largest_3d(volume: Any) -> np.ndarray:
-    """The largest 3D connected component of ``volume``: bool ``(D, H, W)``, one case's slices in slice order.
+    """The largest 3D connected component of one case.
 
     Voxels connect across faces, edges and corners (the 26-neighbourhood), so a region touching its
-    neighbour slice diagonally stays one region. Ties keep the component labelled first. An empty
-    volume stays empty; the input is not modified.
+    neighbour slice diagonally stays one region. Ties keep the component labelled first.
+
+    Args:
+        volume: ``(D, H, W)`` mask (nonzero = foreground), the case's slices in slice order.
+
+    Returns:
+        a new bool ``(D, H, W)``; an empty volume stays empty. The input is not modified.
     """
     from scipy import ndimage
 
@@ -57,11 +67,18 @@ def keep_largest_3d(volume: Any) -> np.ndarray:
 
 
 def postprocess_case(masks: Any, cfg: PostprocessConfig) -> np.ndarray:
-    """``cfg`` applied to one case: ``masks`` bool ``(D, H, W)`` in slice order -> a new ``(D, H, W)``.
+    """``cfg`` applied to one case.
 
     First components under ``cfg.min_area`` pixels are removed slice by slice (``cfg.connectivity``),
     then, with ``cfg.largest_3d``, only the largest 3D region of the case is kept. A lone slice of
     unknown position is a case of one slice (the 3D step then keeps its largest 2D region).
+
+    Args:
+        masks: ``(D, H, W)`` mask (nonzero = foreground), the case's slices in slice order; ``D`` may be 0.
+        cfg: ``min_area``, ``connectivity``, ``largest_3d``.
+
+    Returns:
+        a new bool ``(D, H, W)``; empty slices stay empty.
     """
     vol = np.asarray(masks).astype(bool, copy=False)
     if vol.ndim != 3:

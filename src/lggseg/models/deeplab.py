@@ -15,19 +15,17 @@ Every model has ``forward(image (B,3,H,W), attributes (B,A) | None = None) -> lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from functools import partial
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
 from segmentation_models_pytorch.base.utils import is_torch_compiling
-from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
-from segmentation_models_pytorch.encoders import TimmUniversalEncoder
 from torch import nn
 
 from lggseg.errors import ModelError
-from lggseg.models.encoders import _ENCODER_DEPTH
+from lggseg.models.encoders import ENCODER_DEPTH, _timm_name, deeplab_encoder, unet_encoder
+from lggseg.models.record import BuildRecord, RecordedNetwork
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -58,6 +56,13 @@ class AttributeEncoder(nn.Module):
         )
 
     def forward(self, attributes: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Args:
+            attributes: ``(B, A)`` (cast to the MLP's dtype).
+            size: ``(h, w)`` of the deep feature the map is joined to.
+
+        Returns:
+            ``(B, channels, h, w)``, resized bilinearly from ``grid`` when ``size`` differs.
+        """
         x = self.mlp(attributes.to(self.mlp[0].weight.dtype))
         x = x.view(x.shape[0], self.channels, *self.grid)
         if tuple(size) != self.grid:
@@ -79,81 +84,87 @@ def _check_attributes(model: nn.Module, attributes: torch.Tensor | None, image: 
     return attributes
 
 
-class AttributeDeepLabV3Plus(smp.DeepLabV3Plus):
+class AttributeDeepLabV3Plus(RecordedNetwork, smp.DeepLabV3Plus):
     """DeepLabv3+ whose ASPP also sees the attribute encoder's map (sections 3.1-3.3).
 
-    ``smp.DeepLabV3Plus.__init__`` creates its own encoder through ``get_encoder``, which hands
-    ``output_stride`` to timm (Swin rejects it) and sizes ASPP for the image features alone. This
-    subclass takes a ready encoder instead (so :func:`build_model` controls weights and the Swin
-    adapter) and assembles the same smp parts: :class:`DeepLabV3PlusDecoder` with its ASPP input
-    widened by ``attribute_channels``, and a 1x1 ``SegmentationHead`` upsampling x4 (x2 at output
-    stride 8). ``decoder_aspp_separable`` keeps smp's DeepLabv3+ default (depthwise-separable
-    atrous convolutions, as in the DeepLabv3+ paper); dropout 0.5 as smp.
-
-    ``n_attributes=0`` gives plain DeepLabv3+; it accepts and ignores ``attributes``.
+    Built from a :class:`~lggseg.models.record.BuildRecord` by ``smp.DeepLabV3Plus.__init__``
+    itself: the encoder is lggseg's timm encoder from smp's registry
+    (:func:`~lggseg.models.encoders.deeplab_encoder`), which joins the ``attribute_channels`` map to
+    its deep feature and counts those channels in ``out_channels``, so smp's decoder sizes ASPP
+    for image + attribute channels (531 for regnetz_040). Then smp's DeepLabv3+ decoder (atrous
+    rates from the config, depthwise-separable ASPP and dropout 0.5 as smp's defaults) and a 1x1
+    ``SegmentationHead`` upsampling the H/4 decoder output x4; the :class:`AttributeEncoder` is
+    created last. Without ``model.attributes`` it is plain DeepLabv3+ and ignores ``attributes``.
     """
 
-    def __init__(
-        self,
-        encoder: TimmUniversalEncoder,
-        *,
-        n_attributes: int = 0,
-        attribute_hidden: int = 128,
-        attribute_channels: int = 3,
-        image_size: int = 256,
-        decoder_channels: int = 256,
-        atrous_rates: Sequence[int] = (6, 12, 18),
-        aspp_separable: bool = True,
-        aspp_dropout: float = 0.5,
-    ) -> None:
-        # DeepLabV3Plus.__init__ would build a second encoder; only the base class is initialised
-        SegmentationModel.__init__(self)
-        stride = int(encoder.output_stride)
-        if stride not in (8, 16):
-            raise ModelError(f"encoder {encoder.name}: DeepLabv3+ needs output stride 8 or 16, got {stride}")
-        self.encoder = encoder
-        extra = attribute_channels if n_attributes > 0 else 0
-        channels = [*encoder.out_channels[:-1], encoder.out_channels[-1] + extra]
-        self.decoder = DeepLabV3PlusDecoder(
-            encoder_channels=channels,
-            encoder_depth=_ENCODER_DEPTH,
-            out_channels=decoder_channels,
-            atrous_rates=tuple(atrous_rates),
-            output_stride=stride,
-            aspp_separable=aspp_separable,
-            aspp_dropout=aspp_dropout,
+    def __init__(self, record: BuildRecord) -> None:
+        cfg = record.config
+        name = _timm_name(cfg.encoder)
+        n_attributes = record.used_attributes
+        joined = cfg.attribute_channels if n_attributes > 0 else 0
+        super().__init__(
+            encoder_name=deeplab_encoder(cfg, name, record.image_size, joined_channels=joined),
+            encoder_depth=ENCODER_DEPTH,
+            encoder_weights=None,  # the encoder gets its pretrained weights itself (timm hub or weights_file)
+            encoder_output_stride=cfg.output_stride,
+            decoder_channels=cfg.decoder_channels,
+            decoder_atrous_rates=tuple(cfg.atrous_rates),
+            classes=1,
+            upsampling=4,
         )
-        # the decoder returns H/4 features; the head restores H
-        self.segmentation_head = SegmentationHead(decoder_channels, 1, kernel_size=1, upsampling=4)
-        self.classification_head = None
+        self.build_record = record
+        # created after smp's parts, as always, so a seed gives the same initial weights
+        grid = (record.image_size // self.encoder.output_stride,) * 2
         self.attribute_encoder = (
-            AttributeEncoder(n_attributes, attribute_hidden, attribute_channels, (image_size // stride,) * 2)
+            AttributeEncoder(n_attributes, cfg.attribute_hidden, cfg.attribute_channels, grid)
             if n_attributes > 0
             else None
         )
-        self.name = f"deeplabv3plus-{encoder.name}" + ("-attributes" if n_attributes > 0 else "")
+        self.name = f"deeplabv3plus-{name}" + ("-attributes" if n_attributes > 0 else "")
 
     def forward(self, image: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``image``.
+
+        Args:
+            image: normalised images ``(B, 3, H, W)``, H and W divisible by the output stride.
+            attributes: ``(B, A)`` attribute vectors, required with the attribute encoder (``A`` as built),
+                ignored without it.
+
+        Returns:
+            logits ``(B, 1, H, W)``.
+        """
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
             self.check_input_shape(image)
-        features = self.encoder(image)
+        join = None
         if self.attribute_encoder is not None:
-            attributes = _check_attributes(self, attributes, image)
-            deep = features[-1]
-            attr_map = self.attribute_encoder(attributes, deep.shape[-2:]).to(deep.dtype)
-            features = [*features[:-1], torch.cat([deep, attr_map], dim=1)]
-        return self.segmentation_head(self.decoder(features))
+            join = partial(self.attribute_encoder, _check_attributes(self, attributes, image))
+        return self.segmentation_head(self.decoder(self.encoder(image, join)))
 
 
-class UnetBaseline(smp.Unet):
-    """smp's U-Net (Table 4, first row); takes ``attributes`` for a uniform interface and ignores them."""
+class UnetBaseline(RecordedNetwork, smp.Unet):
+    """smp's U-Net (Table 4, first row) on lggseg's timm encoder; ``attributes`` is accepted and ignored."""
+
+    def __init__(self, record: BuildRecord) -> None:
+        cfg = record.config
+        name = _timm_name(cfg.encoder)
+        if record.image_size % 32:
+            raise ModelError(f"U-Net needs common.image_size divisible by 32, got {record.image_size}")
+        super().__init__(
+            encoder_name=unet_encoder(cfg, name, record.image_size),
+            encoder_weights=None,  # the encoder gets its pretrained weights itself
+            classes=1,
+        )
+        self.build_record = record
+        self.name = f"u-tu-{name}"
 
     def forward(self, image: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``image``.
+
+        Args:
+            image: normalised images ``(B, 3, H, W)``, H and W divisible by 32.
+            attributes: ignored (any value, or ``None``).
+
+        Returns:
+            logits ``(B, 1, H, W)``.
+        """
         return super().forward(image)
-
-
-# --------------------------------------------------------------------------- encoders and weights
-
-
-# --------------------------------------------------------------------------- public API
-

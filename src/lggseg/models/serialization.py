@@ -1,8 +1,9 @@
 """A trained network on disk: ``model.safetensors`` + ``model.json``, the one place of that schema.
 
 :func:`save_model` writes both (each atomically) with what rebuilding needs (``format``, ``arch``,
-``encoder``, ``model_config``, ``n_attributes``, ``image_size``, ``n_parameters``) beside the caller's
-meta; :func:`load_model` rebuilds the network through :func:`lggseg.models.registry.build_model` and
+``encoder``, ``model_config``, ``n_attributes``, ``image_size``, ``n_parameters``; the middle three
+are the :class:`~lggseg.models.record.BuildRecord` the network carries) beside the caller's meta;
+:func:`load_model` rebuilds the network through :func:`lggseg.models.registry.build_model` and
 loads the weights; nothing is ever unpickled.
 """
 
@@ -23,6 +24,7 @@ from lggseg.config import ConfigError, ModelConfig, from_dict
 from lggseg.errors import ModelError
 from lggseg.io import OutputError, atomic_path, write_json
 from lggseg.models.encoders import _summarise
+from lggseg.models.record import RecordedNetwork
 from lggseg.models.registry import build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -31,6 +33,7 @@ FORMAT = "lggseg-model/1"
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements of ``model`` (what ``model.json``'s ``n_parameters`` holds)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -38,10 +41,11 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -
     """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (each atomically); returns ``out_dir``.
 
     ``meta`` is stored as given (run config, attribute names, scores, ...) plus what rebuilding
-    needs: ``format``, ``arch``, ``encoder``, ``model_config``, ``n_attributes``, ``image_size``,
-    ``n_parameters``. ``model`` must come from :func:`build_model`; an ``n_attributes`` or
-    ``image_size`` in ``meta`` that contradicts the model, or attribute names of the wrong count,
-    raise :class:`ModelError`.
+    needs: ``format``, ``arch``, ``encoder``, the network's own build record (``model_config``,
+    ``n_attributes``, ``image_size``: :meth:`~lggseg.models.record.BuildRecord.to_json`) and
+    ``n_parameters``. ``model`` must be an lggseg network (from :func:`build_model`), possibly
+    wrapped by ``torch.compile`` or DDP; an ``n_attributes`` or ``image_size`` in ``meta`` that
+    contradicts the model, or attribute names of the wrong count, raise :class:`ModelError`.
     """
     out_dir = Path(out_dir)
     # torch.compile and DistributedDataParallel wrap the network; the file holds the bare one
@@ -49,9 +53,9 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -
         model, nn.parallel.DistributedDataParallel
     ):
         model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
-    build = getattr(model, "lggseg_build", None)
-    if not isinstance(build, dict):
+    if not isinstance(model, RecordedNetwork):
         raise ModelError("save_model needs a model made by lggseg.models.build_model")
+    build = model.build_record.to_json()
     cfg = build["model_config"]
     for key in ("n_attributes", "image_size"):
         if meta.get(key) is not None and meta[key] != build[key]:
@@ -68,9 +72,7 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -
         "format": FORMAT,
         "arch": cfg["arch"],
         "encoder": cfg["encoder"],
-        "model_config": cfg,
-        "n_attributes": build["n_attributes"],
-        "image_size": build["image_size"],
+        **build,
         "n_parameters": count_parameters(model),
     }
     try:

@@ -117,11 +117,18 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor
                           bf16: bool = False) -> int:
     """Set every BatchNorm layer's running statistics to the exact average over ``batches`` ("precise BN").
 
-    ``batches`` yields ``(x, a)``: images ``(B, 3, H, W)`` and attributes ``(B, A)`` or None. Each layer's
-    running mean becomes the mean of its per-batch means and its running variance the mean of its
-    per-batch (unbiased) variances, with equal weight per batch. The model runs in train mode without
-    gradients; its mode, the layers' momenta and the global random streams (dropout, drop-path) are
-    restored afterwards. Returns the number of BatchNorm layers (0: nothing to do, nothing run).
+    Each layer's running mean becomes the mean of its per-batch means and its running variance the
+    mean of its per-batch (unbiased) variances, with equal weight per batch. The model runs in train
+    mode without gradients; its mode, the layers' momenta and the global random streams (dropout,
+    drop-path) are restored afterwards.
+
+    Args:
+        model: the network, called as ``model(x, a)``.
+        batches: yields ``(x, a)``: images ``(B, 3, H, W)`` and attributes ``(B, A)`` or ``None``.
+        bf16: run the forward passes under bf16 autocast.
+
+    Returns:
+        the number of BatchNorm layers (0: nothing to do, nothing run).
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not layers:
@@ -155,8 +162,19 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step: forward (bf16 autocast if asked), float32 loss, backward, Adam.
 
-    ``x`` is ``(B, 3, H, W)``, ``y`` ``(B, 1, H, W)`` in {0, 1}, ``a`` ``(B, A)`` or None. Returns
-    the logits, the total loss and its terms, all still on the device (no host sync here).
+    Args:
+        net: the network (possibly compiled or DDP-wrapped).
+        optimizer: steps ``net``'s parameters.
+        loss_fn: ``loss_fn(logits, y, epoch=) -> (total, parts)``, e.g. :class:`lggseg.losses.CompoundLoss`.
+        x: images ``(B, 3, H, W)``.
+        y: masks ``(B, 1, H, W)`` in {0, 1} (empty masks are ordinary targets).
+        a: attributes ``(B, A)``, or ``None`` for networks without the attribute encoder.
+        epoch: passed to ``loss_fn`` (the outlier weight's schedule).
+        bf16: autocast the forward pass.
+
+    Returns:
+        ``(logits (B, 1, H, W) in the autocast dtype, total loss scalar, {term: detached scalar})``,
+        all still on the device (no host sync here).
     """
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x, a)
