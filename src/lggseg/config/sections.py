@@ -294,6 +294,11 @@ class TrainConfig:
     # Dice 0.0) while its training Dice was 0.62; recomputed over 160 slices, 0.70. 0: off (the paper's way).
     bn_recalibration_slices: int = 0
 
+    @property
+    def subsamples_epochs(self) -> bool:
+        """True when an epoch is a draw rather than every train slice (``empty_slice_fraction``, ``epoch_slices``)."""
+        return self.empty_slice_fraction < 1 or self.epoch_slices is not None
+
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
         _require(_is_int(self.batch_size) and self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size!r}")

@@ -126,7 +126,7 @@ class _Trainer:
         self.data_path = self._data_path(len(train_idx) + len(val_share), size, cached)
         self.loader_gen = torch.Generator().manual_seed(seed)
         if self.data_path == "resident":
-            if cfg.empty_slice_fraction < 1 or cfg.epoch_slices is not None:
+            if cfg.subsamples_epochs:
                 raise ConfigError("train.empty_slice_fraction < 1 and train.epoch_slices need train.data_path: loader "
                                   "(the resident path draws every slice each epoch)")
 
@@ -142,7 +142,7 @@ class _Trainer:
             train_ds = SliceDataset(store, train_idx, size, cfg.augment, seed=seed)
             val_ds = SliceDataset(store, val_share, size, None)
             # One shuffling code path for 1..N processes: seeded with seed + epoch, the same on every rank.
-            if cfg.empty_slice_fraction < 1 or cfg.epoch_slices is not None:
+            if cfg.subsamples_epochs:
                 is_tumour = store.table["tumour_pixels"].to_numpy()[train_idx] > 0
                 base = EmptySliceSubsampler(is_tumour, cfg.empty_slice_fraction, seed, info.world_size, info.rank,
                                             limit=cfg.epoch_slices)
@@ -209,8 +209,7 @@ class _Trainer:
         """
         from lggseg.data.resident import choose_data_path
 
-        subsampled = self.cfg.empty_slice_fraction < 1 or self.cfg.epoch_slices is not None
-        if subsampled and self.cfg.data_path == "auto":
+        if self.cfg.subsamples_epochs and self.cfg.data_path == "auto":
             path, why = "loader", "train.data_path: auto, and the epoch draw of train.empty_slice_fraction/epoch_slices needs it"
         elif cached and self.cfg.data_path == "auto" and self.info.device.type == "cuda":
             path, why = "resident", "train.data_path: auto, the splits are already on the device (shared)"
