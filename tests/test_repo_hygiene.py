@@ -1,7 +1,8 @@
-"""Large-file guard: data, weights and anything big never enter git."""
+"""Repository hygiene: data, weights and anything big never enter git; modules meet only at public names."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,108 @@ def test_package_never_names_shared_folder():
             if "../shared" in path.read_text() or "/shared/lgg" in path.read_text():
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == [], f"src/ and stages/ must not depend on ../shared: {offenders}"
+
+
+# --------------------------------------------------------------------------- public seams
+
+PACKAGE = REPO / "src" / "lggseg"
+
+# Private names of lggseg.training imported by a training module from another one; the trainer branch
+# (issue #23 point 1) rewrites training/ with public names. Removed when the trainer branch merges.
+TRAINING_ALLOWED = {
+    ("src/lggseg/training/session.py", "_Logger"),
+    ("src/lggseg/training/session.py", "_Trainer"),
+    ("src/lggseg/training/session.py", "_barrier"),
+    ("src/lggseg/training/session.py", "_store_fingerprint"),
+    ("src/lggseg/training/trainer.py", "_Logger"),
+    ("src/lggseg/training/trainer.py", "_all_sum"),
+    ("src/lggseg/training/trainer.py", "_barrier"),
+    ("src/lggseg/training/trainer.py", "_cpu_tensors"),
+    ("src/lggseg/training/trainer.py", "_flatten_optimizer"),
+    ("src/lggseg/training/trainer.py", "_numpy_rng_state"),
+    ("src/lggseg/training/trainer.py", "_python_rng_state"),
+    ("src/lggseg/training/trainer.py", "_set_numpy_rng_state"),
+    ("src/lggseg/training/trainer.py", "_set_python_rng_state"),
+    ("src/lggseg/training/trainer.py", "_strip"),
+    ("src/lggseg/training/trainer.py", "_torch_rng_states"),
+    ("src/lggseg/training/trainer.py", "_unflatten_optimizer"),
+}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _module_of(path: Path) -> str:
+    """``lggseg.data.layout`` for ``src/lggseg/data/layout.py`` (a package for its ``__init__``); ``stages.x``."""
+    rel = path.relative_to(REPO / "src" if path.is_relative_to(REPO / "src") else REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _is_module(dotted: str) -> bool:
+    parts = dotted.split(".")
+    if parts[0] != "lggseg":
+        return False
+    base = PACKAGE.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _private_uses(path: Path) -> list[tuple[int, str, str]]:
+    """``(line, module, name)`` of every private name of another lggseg module that ``path`` imports or
+    reaches as an attribute (``from lggseg.x import _y``, ``lggseg.x._y``, ``m._y`` after ``import lggseg.x as m``)."""
+    me = _module_of(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    bound: dict[str, str] = {}  # local name -> the lggseg module it stands for
+    found: list[tuple[int, str, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: resolve against the importer's package
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join([*base, module] if module else base)
+            if module.partition(".")[0] != "lggseg":
+                continue
+            for alias in node.names:
+                full = f"{module}.{alias.name}"
+                if _is_module(full):
+                    bound[alias.asname or alias.name] = full
+                if _is_private(alias.name) and module != me:
+                    found.append((node.lineno, module, alias.name))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.partition(".")[0] == "lggseg":
+                    if alias.asname:
+                        bound[alias.asname] = alias.name
+                    else:
+                        bound["lggseg"] = "lggseg"
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain: list[str] = []
+        cur: ast.expr = node
+        while isinstance(cur, ast.Attribute):
+            chain.append(cur.attr)
+            cur = cur.value
+        if not isinstance(cur, ast.Name) or cur.id not in bound:
+            continue
+        module, rest = bound[cur.id], chain[::-1]
+        while rest and _is_module(f"{module}.{rest[0]}"):
+            module, rest = f"{module}.{rest[0]}", rest[1:]
+        # one report per use: at the attribute right after the module (``m._y``, not ``m._y.z``)
+        if len(rest) == 1 and _is_private(rest[0]) and module != me:
+            found.append((node.lineno, module, rest[0]))
+    return found
+
+
+def test_no_private_names_imported_across_modules():
+    """A name used by another module is public (and typed): no ``_name`` crosses a module boundary."""
+    offenders = []
+    for folder in ("src", "stages"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            for line, module, name in _private_uses(path):
+                if (rel, name) not in TRAINING_ALLOWED:
+                    offenders.append(f"{rel}:{line}: {module}.{name}")
+    assert offenders == [], "private names used across modules (make them public):\n" + "\n".join(offenders)

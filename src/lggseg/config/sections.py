@@ -173,8 +173,10 @@ class LossConfig:
         _require(self.counts in ("soft", "hard"), "loss.counts must be soft or hard")
         _require(self.outlier_mode in ("paper", "isolated_bce"), "loss.outlier_mode must be paper or isolated_bce")
         _require(self.reduction in ("mean", "sum"), "loss.reduction must be mean or sum")
-        if "outlier" in self.terms and self.outlier_mode == "paper":
-            # Otherwise every white pixel, even deep inside a large object, passes the mask of eq. 9.
+        if self.outlier_mode == "paper":
+            # Otherwise every white pixel, even deep inside a large object, passes the mask of eq. 9. The one
+            # check of this rule: lggseg.losses relies on it, also where the outlier maps are drawn without
+            # the outlier term being trained (Figure 9, the outlier study).
             ring = self.j * self.j - self.i * self.i
             _require(
                 ring > self.threshold,
