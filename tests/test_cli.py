@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import lggseg.cli as cli
+from helpers import run_predict
 from lggseg.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +81,17 @@ def test_runs_as_a_program_without_importing_torch():
 def test_module_entry(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lggseg", "--help"])
     assert cli.main() == 0
+
+
+# --------------------------------------------------------------------------- option errors of a command reach the user
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--threshold", "1.5"], "--threshold must be in (0, 1)"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--postprocess-min-area", "-3"], "--postprocess-min-area must be a non-negative integer"),
+])
+def test_nonsense_predict_options(capsys, raw, attr_model, tmp_path, args, needle):
+    code, err = run_predict(capsys, attr_model, raw, tmp_path / "out", *args)
+    assert code == 2 and needle in err
+    assert not (tmp_path / "out").exists()

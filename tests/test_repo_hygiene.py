@@ -143,3 +143,62 @@ def test_no_private_names_imported_across_modules():
                 if (rel, name) not in TRAINING_ALLOWED:
                     offenders.append(f"{rel}:{line}: {module}.{name}")
     assert offenders == [], "private names used across modules (make them public):\n" + "\n".join(offenders)
+
+
+# --------------------------------------------------------------------------- security: no unpickling, one archive extractor
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def _sources() -> list[Path]:
+    return sorted([*(REPO / "src").rglob("*.py"), *(REPO / "stages").rglob("*.py")])
+
+
+def test_no_pickle_loading_anywhere():
+    """torch.load only with weights_only=True; no pickle/joblib/dill; numpy never allow_pickle=True."""
+    problems = []
+    for path in _sources():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                if any(n.split(".")[0] in ("pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve") for n in names):
+                    problems.append(f"{path}:{node.lineno}: imports {names}")
+        for call, name in _calls(tree):
+            kw = {k.arg: k.value for k in call.keywords}
+            weights_only = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if name.split(".")[-2:] == ["torch", "load"] and not weights_only:
+                problems.append(f"{path}:{call.lineno}: {name} without weights_only=True")
+            if name.endswith("load_state_dict") and name.startswith("timm") and not weights_only:
+                problems.append(f"{path}:{call.lineno}: {name} without weights_only=True")
+            if name.endswith(("read_pickle", "jit.load")):
+                problems.append(f"{path}:{call.lineno}: {name}")
+            allow = kw.get("allow_pickle")
+            if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
+                problems.append(f"{path}:{call.lineno}: {name}(allow_pickle=...)")
+    assert problems == []
+
+
+def test_archive_extraction_has_one_implementation():
+    """Only lggseg.data.archive extracts archives; nothing calls extractall/extract/unpack_archive or tarfile."""
+    offenders = []
+    for path in _sources():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for call, name in _calls(tree):
+            if name.split(".")[-1] in ("extractall", "extract", "unpack_archive"):
+                offenders.append(f"{path}:{call.lineno}: {name}")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and "tarfile" in ([a.name for a in node.names] + [getattr(node, "module", "")]):
+                offenders.append(f"{path}:{node.lineno}: imports tarfile")
+        text = path.read_text()
+        if "zf.open(" in text and path.name != "archive.py":
+            offenders.append(f"{path}: reads zip members itself")
+    assert offenders == []
+    fetch_src = (REPO / "src" / "lggseg" / "data" / "fetch.py").read_text()
+    assert "safe_extract_zip(" in fetch_src
+
+
