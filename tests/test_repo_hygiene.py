@@ -94,12 +94,11 @@ def _is_module(dotted: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def _private_uses(path: Path) -> list[tuple[int, str, str]]:
-    """``(line, module, name)`` of every private name of another lggseg module that ``path`` imports or
-    reaches as an attribute (``from lggseg.x import _y``, ``lggseg.x._y``, ``m._y`` after ``import lggseg.x as m``)."""
-    me = _module_of(path)
-    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
+def _private_uses(source: str, me: str, package: str) -> list[tuple[int, str, str]]:
+    """``(line, module, name)`` of every private name of another lggseg module that ``source`` (module
+    ``me`` of ``package``) imports or reaches as an attribute: ``from lggseg.x import _y`` (or relative),
+    ``lggseg.x._y`` after ``import lggseg.x``, ``m._y`` after ``import lggseg.x as m`` or ``from lggseg import x as m``."""
+    tree = ast.parse(source)
     bound: dict[str, str] = {}  # local name -> the lggseg module it stands for
     found: list[tuple[int, str, str]] = []
     for node in ast.walk(tree):
@@ -147,11 +146,32 @@ def test_no_private_names_imported_across_modules():
     offenders = []
     for folder in ("src", "stages"):
         for path in sorted((REPO / folder).rglob("*.py")):
-            rel = path.relative_to(REPO).as_posix()
-            for line, module, name in _private_uses(path):
+            rel, me = path.relative_to(REPO).as_posix(), _module_of(path)
+            package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+            for line, module, name in _private_uses(path.read_text(), me, package):
                 if (rel, name) not in ALLOWED:
                     offenders.append(f"{rel}:{line}: {module}.{name}")
     assert offenders == [], "private names used across modules (make them public):\n" + "\n".join(offenders)
+
+
+# (source of a module lggseg.data.inputs, the private uses the check must find)
+PRIVATE_USES = [
+    ("from lggseg.data.layout import _read, scan_raw_dir", [(1, "lggseg.data.layout", "_read")]),
+    ("from .layout import _read", [(1, "lggseg.data.layout", "_read")]),  # relative
+    ("from ..config import _x", [(1, "lggseg.config", "_x")]),
+    ("import lggseg.data.layout\nlggseg.data.layout._read(p)", [(2, "lggseg.data.layout", "_read")]),
+    ("import lggseg.data.layout as L\nL._CASE_RE.match(n)", [(2, "lggseg.data.layout", "_CASE_RE")]),
+    ("from lggseg.data import layout\nlayout._read(p).strip()", [(2, "lggseg.data.layout", "_read")]),
+    ("from lggseg.data.inputs import _mine", []),  # its own module
+    ("from lggseg.data.layout import __doc__, scan_raw_dir", []),  # dunders are not private
+    ("from lggseg.data import layout\nlayout.scan_raw_dir(p)._cache", []),  # a private attribute of a result
+    ("import os\nos._exit(0)", []),  # not lggseg
+]
+
+
+@pytest.mark.parametrize(("source", "expected"), PRIVATE_USES)
+def test_private_use_check_on_hand_made_sources(source, expected):
+    assert _private_uses(source, "lggseg.data.inputs", "lggseg.data") == expected
 
 
 # --------------------------------------------------------------------------- security: no unpickling, one archive extractor
