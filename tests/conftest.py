@@ -45,3 +45,46 @@ def store_dir(tmp_path_factory) -> Path:
     raw = generate_demo(root / "raw", 3, 23)
     build_manifest(raw, root / "store", CommonConfig(image_size=64), ManifestConfig())
     return root / "store"
+
+
+# --------------------------------------------------------------------------- broken inputs (tests/helpers.py)
+
+
+@pytest.fixture(scope="module")
+def raw_template(demo_kaggle_dir, tmp_path_factory) -> Path:
+    """Three demo cases of ``helpers.N_SLICES`` slices each plus the demo data.csv (all six patients)."""
+    import shutil
+
+    from helpers import N_SLICES
+    from test_predict import copy_case
+
+    root = tmp_path_factory.mktemp("raw_template") / "kaggle_3m"
+    cases = sorted(p for p in demo_kaggle_dir.iterdir() if p.is_dir())[:3]
+    for case in cases:
+        copy_case(case, root, N_SLICES)
+    shutil.copy(demo_kaggle_dir / "data.csv", root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def attr_model(raw_template, tmp_path_factory) -> Path:
+    """A tiny attribute-encoder model whose attribute names are those of the template's data.csv."""
+    from test_predict import attribute_names, save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("attr_model") / "seed_1", attribute_names(raw_template))
+
+
+@pytest.fixture()
+def raw(raw_template, tmp_path) -> Path:
+    """A fresh, writable copy of the template for one test to break."""
+    import shutil
+
+    return Path(shutil.copytree(raw_template, tmp_path / "in" / "kaggle_3m"))
+
+
+@pytest.fixture(scope="module")
+def manifest_stage():
+    """``stages/manifest.py`` as a module."""
+    from helpers import load_stage
+
+    return load_stage("manifest")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import lggseg.cli as cli
+from helpers import run_predict
 from lggseg.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +61,14 @@ def test_subcommand_help_and_argument_errors_return_codes(capsys, argv, code, ne
     assert needle in captured.out + captured.err
 
 
-def test_demo_is_the_workspace_runner():
-    assert COMMANDS["demo"][0] == "lggseg.workspace"
+@pytest.mark.parametrize(("command", "module"), [("demo", "lggseg.workspace"), ("report", "lggseg.reporting.folder")])
+def test_command_runs_the_module_that_implements_it(monkeypatch, command, module):
+    """Patched where it lives (not looked up through COMMANDS): the router must reach that very function."""
+    mod = importlib.import_module(module)
+    calls = []
+    monkeypatch.setattr(mod, "main", lambda argv=None: calls.append(argv) or 5)
+    assert main([command, "--flag"]) == 5
+    assert calls == [["--flag"]]
 
 
 def test_runs_as_a_program_without_importing_torch():
@@ -74,3 +81,17 @@ def test_runs_as_a_program_without_importing_torch():
 def test_module_entry(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lggseg", "--help"])
     assert cli.main() == 0
+
+
+# --------------------------------------------------------------------------- option errors of a command reach the user
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--threshold", "1.5"], "--threshold must be in (0, 1)"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--postprocess-min-area", "-3"], "--postprocess-min-area must be a non-negative integer"),
+])
+def test_nonsense_predict_options(capsys, raw, attr_model, tmp_path, args, needle):
+    code, err = run_predict(capsys, attr_model, raw, tmp_path / "out", *args)
+    assert code == 2 and needle in err
+    assert not (tmp_path / "out").exists()

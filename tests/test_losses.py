@@ -263,11 +263,21 @@ def test_large_region_gets_no_value():
     assert _dmap(x, i=7, j=21).abs().max().item() == 0.0
 
 
-def test_degenerate_ring_is_rejected():
-    with pytest.raises(ConfigError, match="ring"):
-        outlier_parts(torch.zeros(1, 1, 9, 9), cfg_of(i=7, j=9))
-    with pytest.raises(ConfigError, match="ring"):
-        CompoundLoss(cfg_of(i=7, j=9))
+@pytest.mark.parametrize(("kw", "refused"), [
+    ({"i": 7, "j": 9}, True),  # ring 81 - 49 = 32 <= T = 33: every white pixel would pass eq. 9's mask
+    ({"i": 7, "j": 9, "terms": ("bce",)}, True),  # the maps are drawn for Figure 9 without the term too
+    ({"i": 7, "j": 9, "threshold_rounding": "floor"}, True),  # 32 <= 40
+    ({"i": 7, "j": 11}, False),  # 121 - 49 = 72 > 33
+    ({"i": 3, "j": 5}, False),  # 25 - 9 = 16 > 5
+    ({"i": 7, "j": 9, "outlier_mode": "isolated_bce"}, False),  # no ring in that mode
+])
+def test_degenerate_ring_is_refused_by_the_config(kw, refused):
+    """The one check of the ring rule is LossConfig's; the loss functions rely on a validated config."""
+    if refused:
+        with pytest.raises(ConfigError, match="ring"):
+            cfg_of(**kw)
+    else:
+        assert cfg_of(**kw).j == kw["j"]
 
 
 def test_eq12_is_bce_minus_density_map():

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from lggseg.config import ConfigError, read_params
-from lggseg.reproduce import FILES, effective_params, main
+from lggseg.reporting.folder import FILES
+from lggseg.reproduce import effective_params, main
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["regnet_attr_bce", "regnet_attr_bce_dice_outlier"]  # the two rows Figure 7 compares

@@ -111,7 +111,7 @@ _SHORT = {"dice_slice_mean": "slice", "dice_tumour_slices": "tumour", "dice_pati
 
 def markdown(table: pd.DataFrame, chosen: str) -> str:
     """``ablation.csv`` as a Markdown table (Dice conventions and the empty-slice FP rate per setting)."""
-    from lggseg.reporting.tables import _md_table
+    from lggseg.reporting.tables import md_table
 
     header = ["arm", "epochs", "train min", *(f"{h} {_SHORT[k]}" for _, h in _SETTINGS for k in ROW_METRICS)]
     rows = []
@@ -121,7 +121,7 @@ def markdown(table: pd.DataFrame, chosen: str) -> str:
         for prefix, _ in _SETTINGS:
             cells += [f"{r.get(prefix + k, float('nan')):.3f}" for k in ROW_METRICS]
         rows.append(cells)
-    return "\n".join(_md_table(header, rows)) + "\n"
+    return "\n".join(md_table(header, rows)) + "\n"
 
 
 def choose(table: pd.DataFrame, tie: float = 0.005) -> str:

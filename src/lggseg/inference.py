@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 from lggseg.data.dataset import SliceDataset, normalize_image, resize_pair
 from lggseg.errors import DataError, ModelError
 from lggseg.models import META_FILE
+
+if TYPE_CHECKING:
+    from lggseg.data.store import Store
 
 
 def infer_probabilities(
@@ -115,7 +118,7 @@ def attribute_order(store_names: list[str], model_names: list[str], where: str) 
 
 def predict_probabilities(
     model: torch.nn.Module,
-    store: Any,
+    store: Store,
     indices: np.ndarray,
     *,
     image_size: int,

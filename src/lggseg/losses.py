@@ -121,7 +121,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lggseg.config import ConfigError, LossConfig
+from lggseg.config import LossConfig
 
 __all__ = [
     "CompoundLoss",
@@ -129,7 +129,6 @@ __all__ = [
     "bce_loss",
     "bce_map",
     "box_sum",
-    "check_outlier_windows",
     "density_map",
     "dice_loss",
     "isolated_bce_loss",
@@ -273,27 +272,15 @@ class OutlierParts(NamedTuple):
     density_map: Tensor  # eq. 11
 
 
-def check_outlier_windows(cfg: LossConfig) -> None:
-    """Raise ``ConfigError`` when the ring ``j^2 - i^2`` cannot exceed eq. 8's threshold.
-
-    Then every white pixel, even inside a large object, would pass the mask of eq. 9 (e.g. i = 7,
-    j = 9: a 32-pixel ring against a threshold of 33), and the loss would flag everything.
-    """
-    ring = cfg.j * cfg.j - cfg.i * cfg.i
-    if ring <= cfg.threshold:
-        raise ConfigError(
-            f"loss: the outlier ring j^2 - i^2 = {ring} (i={cfg.i}, j={cfg.j}) must exceed the eq. 8 "
-            f"threshold {cfg.threshold}; choose a larger j"
-        )
-
-
 def outlier_parts(prob: Tensor, cfg: LossConfig, white: Tensor | None = None) -> OutlierParts:
     """Eqs. 4-11 on probabilities.
 
     Args:
         prob: ``(B, 1, H, W)`` in [0, 1] (computed in float32).
         cfg: ``i``, ``j``, ``threshold``, ``smooth``; counts use ``prob`` itself (``counts: soft``)
-            or ``Round(prob)`` (``hard``).
+            or ``Round(prob)`` (``hard``). Its ring ``j^2 - i^2`` exceeds ``threshold`` (else every
+            white pixel, even inside a large object, would pass the mask of eq. 9): a paper-mode
+            :class:`LossConfig` refuses any other, the one check of that rule.
         white: ``Round(X)`` as a bool ``(B, 1, H, W)``; by default ``prob > 0.5`` (pass
             ``logits > 0`` to avoid the sigmoid's rounding near 0.5).
 
@@ -307,7 +294,6 @@ def outlier_parts(prob: Tensor, cfg: LossConfig, white: Tensor | None = None) ->
         raise ValueError(
             f"outlier loss: expected probabilities of shape (B, 1, H, W), got {tuple(prob.shape)}"
         )
-    check_outlier_windows(cfg)
     prob = prob.float()
     if white is None:
         white = prob > 0.5
@@ -440,8 +426,6 @@ class CompoundLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        if "outlier" in cfg.terms and cfg.outlier_mode == "paper":
-            check_outlier_windows(cfg)
         self.cfg = cfg
 
     def weights(self, epoch: int = 0) -> dict[str, float]:

@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lggseg.config import ConfigError
-from lggseg.data.inputs import AttributeLookup, SliceInput, _visible, read_slice, resolve_inputs
+from lggseg.data.inputs import AttributeLookup, SliceInput, read_slice, resolve_inputs, visible_entries
 from lggseg.errors import DataError, LggsegError, ModelError
 from lggseg.inference import infer_probabilities, preprocess, resolve_model_dir, uses_attributes
 from lggseg.io import OutputError, atomic_dir
@@ -109,7 +109,7 @@ def _check_output(out_dir: Path) -> None:
     if parent is not None and not parent.is_dir():
         raise OutputError(f"cannot write {out_dir}: {parent} is a file, not a folder")
     if out_dir.is_dir():
-        entries = _visible(out_dir)
+        entries = visible_entries(out_dir)
         if entries and not (out_dir / INFO_FILE).is_file():
             raise OutputError(
                 f"{out_dir}: refusing to replace a non-empty folder that is not an lggseg predict output "

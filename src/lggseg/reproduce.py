@@ -15,22 +15,13 @@ whole (every variant asked for, through the config dataclasses) before any work;
    :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
    rewritten with that variant's results added.
 
-``DIR`` holds the :data:`FILES` below, seven files whatever the number of variants, each written
-atomically (files shared by several variants gain a ``variant`` column or key):
-
-* ``params.yaml``: the merged parameters, ``variants`` reduced to those asked for;
-* ``metrics.json``: ``{variant: metrics}``, each exactly the ``metrics/<variant>.json`` of the
-  evaluate stage (with its ``provenance`` block);
-* ``slices.csv``: the evaluate stage's per-slice rows of every variant (raw and post-processed);
-* ``figure_slices.npz``: the inputs of Figures 7-8: the evaluate stage's ``ids``, ``rows``, ``image``,
-  ``truth``, ``threshold``, ``min_area``, ``selection`` (the same for every variant: the same store and
-  evaluation settings) and ``prob__<variant>``, ``prob_seed__<variant>`` per variant (compressed);
-* ``training.csv``: one row per variant, seed and epoch: the training history of ``result.json``;
-* ``environment.json``: device and GPU name, torch/CUDA/cuDNN and library versions, git commit, the
-  command, image size, the data (raw folder, source, fingerprint, the manifest summary that the stage
-  writes to ``metrics/data.json``), wall times, and per variant and seed the epochs done and why
-  training stopped, wall time and images/s; the images/s of all variants together;
-* ``components.csv``: the store's ground-truth components (the report's dataset section).
+``DIR`` is the folder of :mod:`lggseg.reporting.folder` (the one owner of its format, written through
+its :class:`~lggseg.reporting.folder.FolderWriter`): ``params.yaml`` (the merged parameters, ``variants``
+reduced to those asked for), ``metrics.json``, ``slices.csv``, ``figure_slices.npz``, ``training.csv``,
+``components.csv`` and ``environment.json``: device and GPU name, torch/CUDA/cuDNN and library versions,
+git commit, the command, image size, the data (raw folder, source, fingerprint, the manifest summary
+that the stage writes to ``metrics/data.json``), wall times, and per variant and seed the epochs done
+and why training stopped, wall time and images/s; the images/s of all variants together.
 
 ``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.folder.main`) then writes ``DIR/tables.md`` and the figures in
 ``DIR/plots/`` through :func:`lggseg.reporting.report.write_report`, the function the report stage ends in;
@@ -55,18 +46,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from lggseg.config import ConfigError, RunConfig, deep_merge, load_section, read_params, validate_all
 from lggseg.errors import DataError, LggsegError
-from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
-from lggseg.reporting.folder import (
-    _PER_VARIANT,
-    _SEP,
-    _SHARED_FIGURE_KEYS,
-    FILES,
-)
+from lggseg.reporting.folder import FolderWriter
 
 log = logging.getLogger(__name__)
 
@@ -127,47 +109,6 @@ def data_source(raw: Path, store_meta: Mapping[str, Any]) -> str:
     except OSError:
         readme = ""
     return "demo" if readme.startswith("SYNTHETIC DEMO DATA") else "local"
-
-
-class Folder:
-    """The output folder, rewritten (file by file, atomically) each time a variant is added."""
-
-    def __init__(self, out: Path, params: Mapping[str, Any], environment: dict[str, Any]) -> None:
-        self.out = out
-        self.environment = environment
-        self.metrics: dict[str, Any] = {}
-        self.slices: list[pd.DataFrame] = []
-        self.training: list[pd.DataFrame] = []
-        self.figures: dict[str, np.ndarray] = {}
-        out.mkdir(parents=True, exist_ok=True)
-        stray = sorted(p.name for p in out.iterdir() if p.name not in FILES.values())
-        if stray:
-            log.warning("%s already holds %s; they are left as they are", out, ", ".join(stray[:5]))
-        write_yaml(out / FILES["params"], dict(params))
-        self.write_environment()
-
-    def write_environment(self) -> None:
-        write_json(self.out / FILES["environment"], self.environment)
-
-    def add_components(self, store_dir: Path) -> None:
-        write_bytes(self.out / FILES["components"], (store_dir / "components.csv").read_bytes())
-
-    def add_variant(self, variant: str, metrics: dict[str, Any], slices: pd.DataFrame,
-                    figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]]) -> None:
-        self.metrics[variant] = metrics
-        self.slices.append(slices.assign(variant=variant)[["variant", *slices.columns]])
-        rows = [{"variant": variant, "seed": r["seed"], **row} for r in results for row in r["history"]]
-        self.training.append(pd.DataFrame(rows))
-        for key in _SHARED_FIGURE_KEYS:
-            self.figures.setdefault(key, np.asarray(figures[key]))
-        for key in _PER_VARIANT:
-            self.figures[f"{key}{_SEP}{variant}"] = np.asarray(figures[key])
-        write_json(self.out / FILES["metrics"], self.metrics)
-        write_csv(self.out / FILES["slices"], pd.concat(self.slices, ignore_index=True))
-        write_csv(self.out / FILES["training"], pd.concat(self.training, ignore_index=True))
-        with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **self.figures)
-        self.write_environment()
 
 
 def _variant_record(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -240,7 +181,7 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
         "max_minutes": {v: r.train.max_minutes for v, r in runs.items()},
         "variants": {v: {"status": "pending"} for v in names},
     }
-    folder = Folder(out, params, env)
+    folder = FolderWriter(out, params, env)
 
     store_dir = work / "manifest"
     t0 = time.perf_counter()
@@ -299,9 +240,6 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
     env["finished"] = _now()
     folder.write_environment()
     return env
-
-
-# --------------------------------------------------------------------------- the report of a folder
 
 
 # --------------------------------------------------------------------------- command line

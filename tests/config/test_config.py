@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from helpers import assert_untouched, load_stage, previous_output
 from lggseg.config import (
     ConfigError,
     LossConfig,
@@ -16,6 +18,7 @@ from lggseg.config import (
     run_config_from_dict,
     validate_all,
 )
+from test_predict import tree_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,3 +154,67 @@ def test_the_papers_seven_is_loss_i_and_the_rest_derives_from_it():
     for text in ("plotting.py", "report.py", "evaluate.py"):  # no restated 7 or 49 in the code that uses them
         src = next((Path(__file__).resolve().parents[2] / "src" / "lggseg").rglob(text)).read_text()
         assert "SMALL_SIDE" not in src and "= 49" not in src, text
+
+
+# --------------------------------------------------------------------------- through the stages: refused before any work
+
+
+BAD_PARAMS = [
+    ({"loss": {"i": 21, "j": 7}}, "loss.i must be smaller than loss.j"),
+    ({"loss": {"i": 7, "j": 7}}, "loss.i must be smaller than loss.j"),
+    ({"loss": {"i": 6}}, "loss.i must be a positive odd integer"),
+    ({"loss": {"j": 20}}, "loss.j must be a positive odd integer"),
+    ({"loss": {"i": -3}}, "loss.i must be a positive odd integer"),
+    ({"loss": {"i": 0}}, "loss.i must be a positive odd integer"),
+    ({"loss": {"alpha": -1.0}}, "loss.alpha must be a non-negative number"),
+    ({"loss": {"gamma": -0.5}}, "loss.gamma must be a non-negative number"),
+    ({"manifest": {"split_fractions": [0.7, 0.2, 0.2]}}, "manifest.split_fractions must sum to 1"),
+    ({"manifest": {"split_fractions": [0.9, 0.1, 0.0]}}, "manifest.split_fractions must be 3 positive numbers"),
+    ({"common": {"image_size": 200}}, "common.image_size must be a positive multiple of 16"),
+    ({"common": {"image_size": 0}}, "common.image_size must be a positive multiple of 16"),
+]
+
+
+def _bad_params(tmp_path: Path, override: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(read_params(REPO / "params.yaml"), override), sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD_PARAMS)
+def test_configure_stage_rejects_nonsense(capsys, tmp_path, override, needle):
+    configs = previous_output(tmp_path / "configs")
+    before = tree_state(configs)
+    code = load_stage("configure").main(["--params", str(_bad_params(tmp_path, override)), "--out", str(configs)])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.startswith("configure: ") and err.count("\n") == 1
+    assert_untouched(configs, before)
+
+
+@pytest.mark.parametrize(("override", "needle"), [p for p in BAD_PARAMS if set(p[0]) & {"manifest", "common"}])
+def test_manifest_stage_rejects_nonsense_before_reading_data(capsys, tmp_path, manifest_stage, override, needle):
+    store = previous_output(tmp_path / "manifest")
+    before = tree_state(store)
+    # the raw folder does not exist: the params error must come first, before any data is touched
+    args = ["--params", str(_bad_params(tmp_path, override)), "--raw", str(tmp_path / "no_such_raw"),
+            "--out", str(store), "--summary", str(tmp_path / "data.json")]
+    code = manifest_stage.main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "no_such_raw" not in err
+    assert_untouched(store, before)
+    assert not (tmp_path / "data.json").exists()
+
+
+@pytest.mark.parametrize(("override", "needle"), [BAD_PARAMS[0], BAD_PARAMS[2], BAD_PARAMS[6], BAD_PARAMS[10]])
+def test_train_stage_rejects_an_edited_config(capsys, tmp_path, override, needle):
+    good = resolve_variant(read_params(REPO / "params.yaml"), "regnet_attr_bce_dice_outlier").to_dict()
+    good["common"] = {**good["common"], **override.get("common", {})}
+    good["loss"] = {**good["loss"], **override.get("loss", {})}
+    cfg = tmp_path / "regnet_attr_bce_dice_outlier.yaml"
+    cfg.write_text(yaml.safe_dump(good, sort_keys=False))
+    models = tmp_path / "models"
+    args = ["--variant", "regnet_attr_bce_dice_outlier", "--config", str(cfg), "--data", str(tmp_path / "none"), "--out", str(models)]
+    code = load_stage("train").main(args)
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not models.exists()
+

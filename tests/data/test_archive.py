@@ -1,14 +1,19 @@
-"""safe_extract_zip: extracts what it should, refuses escaping members, and leaves nothing on error."""
+"""safe_extract_zip: extracts what it should, refuses escaping members, and leaves nothing on error; the
+fetch stage refuses unsafe zips with exit 2 and its previous data untouched."""
 
 from __future__ import annotations
 
 import stat
 import zipfile
+from pathlib import Path
 
 import pytest
+import yaml
 
+from helpers import MARKER, assert_untouched, load_stage
 from lggseg.data.archive import safe_extract_zip
 from lggseg.errors import FetchError
+from test_predict import tree_state
 
 
 def _symlink_info(name: str) -> zipfile.ZipInfo:
@@ -126,3 +131,46 @@ def test_corrupt_member_is_reported(tmp_path):
     with pytest.raises(FetchError, match="corrupt"):
         safe_extract_zip(z, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zip"]
+
+
+# --------------------------------------------------------------------------- through the fetch stage
+
+
+def _zip(path: Path, members: list[tuple[str, bytes | str]]) -> Path:
+    """``(name, bytes)`` files and ``(name, "->target")`` symlinks, plus a plausible data.csv."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("kaggle_3m/data.csv", "Patient,RNASeqCluster\nTCGA_AA_0001,1\n")
+        for name, content in members:
+            if isinstance(content, str):
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zf.writestr(info, content.removeprefix("->"))
+            else:
+                zf.writestr(name, content)
+    return path
+
+
+@pytest.mark.parametrize(("members", "needle"), [
+    ([("kaggle_3m/../../escaped.txt", b"x")], "'..' in path"),
+    ([("/tmp/lggseg_absolute_escape.txt", b"x")], "absolute path"),
+    ([("kaggle_3m/link", "->../../../etc")], "target escapes the destination"),
+    ([("kaggle_3m/link", "->/etc/passwd")], "target escapes the destination"),
+    ([("kaggle_3m/dir", "->."), ("kaggle_3m/dir/../../x.txt", b"x")], "kaggle_3m/dir/../../x.txt"),
+])
+def test_fetch_stage_refuses_unsafe_zips(capsys, tmp_path, members, needle):
+    archive = _zip(tmp_path / "lgg.zip", members)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": {"source": str(archive)}}))
+    raw = tmp_path / "data" / "raw"
+    (raw / "kaggle_3m").mkdir(parents=True)
+    (raw / "kaggle_3m" / "data.csv").write_bytes(MARKER)
+    (raw / "fingerprint.json").write_bytes(MARKER)
+    before = tree_state(raw)
+    code = load_stage("fetch").main(
+        ["--params", str(tmp_path / "params.yaml"), "--out", str(raw), "--fingerprint", str(tmp_path / "fetch.json")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and str(archive) in err and needle in err, err
+    assert_untouched(raw, before)
+    assert not (tmp_path / "fetch.json").exists()
+    assert not Path("/tmp/lggseg_absolute_escape.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "lgg.zip", "params.yaml"]

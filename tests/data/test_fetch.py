@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from helpers import ENV
 from lggseg.config import CommonConfig, FetchConfig, ManifestConfig
 from lggseg.data.fetch import fetch as run_fetch
 from lggseg.data.fetch import fingerprint, normalise_data_csv
@@ -233,3 +235,30 @@ def test_refuses_to_replace_foreign_folder_and_keeps_old_data_on_failure(tmp_pat
         run_fetch(FetchConfig(source=str(tmp_path / "nowhere")), out)
     assert fingerprint(out / "kaggle_3m", "local") == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+SECRET_USER = "fake-user-secret-456"
+
+
+def test_kaggle_credentials_never_leak(tmp_path):
+    """With a (fake) username and key the stage tries Kaggle and fails; neither secret reaches its output or any file."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump({"fetch": {"source": "kaggle"}}))
+    env = {k: v for k, v in ENV.items() if not k.startswith("KAGGLE")}
+    env.update(
+        HOME=str(tmp_path / "home"), KAGGLEHUB_CACHE=str(tmp_path / "cache"), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        KAGGLE_USERNAME=SECRET_USER, KAGGLE_KEY=SECRET,
+    )
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "fetch.py"), "--params", "params.yaml", "--out", "data/raw",
+         "--fingerprint", "metrics/fetch.json"],
+        cwd=ws, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode != 0  # offline (or a fake token): it must fail
+    assert res.stderr.startswith("fetch: ")
+    for secret in (SECRET, SECRET_USER):
+        assert secret not in res.stdout + res.stderr
+        leaked = [str(p) for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert leaked == []
+

@@ -20,7 +20,6 @@ from lggseg.errors import DataError
 from lggseg.evaluation.evaluate import (
     PAPER_FIGURE_IDS,
     evaluate_loaded,
-    find_model_dirs,
     jsonable,
     select_figure_rows,
     write_evaluation,
@@ -308,18 +307,6 @@ def test_write_evaluation_outputs_are_readable(tmp_path):
 def test_jsonable_replaces_nan():
     out = jsonable({"a": np.float32("nan"), "b": [np.int64(3), math.inf], "c": np.array([1.5, np.nan])})
     assert out == {"a": None, "b": [3, None], "c": [1.5, None]}
-
-
-def test_find_model_dirs(tmp_path):
-    for name in ("seed_7", "seed_23", "other"):
-        (tmp_path / name).mkdir()
-    assert list(find_model_dirs(tmp_path)) == [7, 23]
-    from lggseg.errors import ModelError
-
-    with pytest.raises(ModelError, match="no seed_"):
-        find_model_dirs(tmp_path / "other")
-    with pytest.raises(ModelError, match="not found"):
-        find_model_dirs(tmp_path / "missing")
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -112,8 +112,24 @@ CHAIN = [
 @pytest.mark.parametrize(("min_area", "largest", "expected"), CHAIN)
 def test_postprocess_case_applies_the_configured_chain(min_area, largest, expected):
     from lggseg.config import PostprocessConfig
-    from lggseg.evaluation.postprocess import enabled, postprocess_case
+    from lggseg.evaluation.postprocess import postprocess_case
 
     cfg = PostprocessConfig(min_area=min_area, largest_3d=largest)
     assert postprocess_case(_volume(), cfg).sum() == expected
-    assert enabled(cfg) == (min_area > 0 or largest)
+
+
+# (postprocess settings, whether evaluation reports a `postprocessed` block)
+ENABLED = [
+    ({"min_area": 0}, False),  # nothing to do: the chain above keeps all 23 pixels
+    ({"min_area": 0, "largest_3d": True}, True),
+    ({"min_area": 1}, True),  # removes nothing on any mask, but it is a configured step
+    ({}, True),  # the default: min_area derived from loss.i, 7 * 7 = 49
+]
+
+
+@pytest.mark.parametrize(("settings", "expected"), ENABLED)
+def test_enabled(settings, expected):
+    from lggseg.config import PostprocessConfig
+    from lggseg.evaluation.postprocess import enabled
+
+    assert enabled(PostprocessConfig(**settings)) is expected

@@ -6,19 +6,24 @@ classes (issue #12) still loads, and ``save_model`` reads the record the network
 state-dict layout (key, shape, dtype) and the logits that code computed with :func:`synthetic_state`'s
 weights. A weights file cannot be committed (tests/test_repo_hygiene.py), so the test writes those
 synthetic weights under the old keys and loads the directory with today's code.
+
+Then broken model directories through ``lggseg predict`` (exit 2, a message naming the file, the
+previous output untouched) and the weights format: safetensors, never a pickle.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from helpers import assert_untouched, previous_output, run_predict
 from lggseg.config import ModelConfig
 from lggseg.errors import ModelError
 from lggseg.models import (
@@ -30,6 +35,7 @@ from lggseg.models import (
     load_model,
     save_model,
 )
+from test_predict import save_tiny_model, tree_state
 
 DATA = Path(__file__).parent / "data" / "model_v1"
 
@@ -99,3 +105,71 @@ def test_save_refuses_a_network_without_a_record(tmp_path) -> None:
     with pytest.raises(ModelError, match="build_model"):
         save_model(torch.nn.Conv2d(3, 1, 1), tmp_path, {})
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- broken model directories (through lggseg predict)
+
+
+class _Boom:
+    """Unpickling this creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _break_model(kind: str, model: Path, tmp_path: Path) -> tuple[Path, str]:
+    weights, meta = model / "model.safetensors", model / "model.json"
+    if kind == "missing weights":
+        weights.unlink()
+        return weights, "model weights not found"
+    if kind == "corrupt weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return weights, "unreadable or corrupt weights"
+    if kind == "mismatched weights":
+        other = save_tiny_model(tmp_path / "other", ["attr:A=1", "attr:A=missing"], image_size=64)
+        shutil.copy(other / "model.safetensors", weights)
+        return weights, "does not match the model described by"
+    if kind == "pickle instead of safetensors":
+        with open(weights, "wb") as fh:
+            pickle.dump({"x": _Boom(str(tmp_path / "PWNED"))}, fh)
+        return weights, "unreadable or corrupt weights"
+    if kind == "missing model.json":
+        meta.unlink()
+        return model, "not a model directory"
+    if kind == "malformed model.json":
+        meta.write_text("{not json")
+        return meta, "unreadable model metadata"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", [
+    "missing weights", "corrupt weights", "mismatched weights", "pickle instead of safetensors",
+    "missing model.json", "malformed model.json",
+])
+def test_bad_model_dirs(capsys, raw, attr_model, tmp_path, kind):
+    model = Path(shutil.copytree(attr_model, tmp_path / "model"))
+    path, needle = _break_model(kind, model, tmp_path)
+    out = previous_output(tmp_path / "out")
+    before = tree_state(out)
+    code, err = run_predict(capsys, model, raw, out)
+    assert code == 2 and str(path) in err and needle in err, err
+    assert_untouched(out, before)
+    assert not (tmp_path / "PWNED").exists()
+
+
+
+def test_model_weights_are_safetensors(attr_model):
+    assert sorted(p.name for p in attr_model.iterdir()) == ["model.json", "model.safetensors"]
+    load_file(str(attr_model / "model.safetensors"))  # a safetensors file, not a pickle
+
+
+def test_load_model_never_unpickles(attr_model, tmp_path):
+    model = Path(shutil.copytree(attr_model, tmp_path / "m"))
+    torch.save({"x": _Boom(str(tmp_path / "PWNED"))}, model / "model.safetensors")
+    with pytest.raises(ModelError, match="unreadable or corrupt weights"):
+        load_model(model)
+    assert not (tmp_path / "PWNED").exists()
+

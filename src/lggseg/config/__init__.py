@@ -33,6 +33,8 @@ from lggseg.config.sections import (
     PostprocessConfig,
     RunConfig,
     TrainConfig,
+    is_int,
+    is_number,
 )
 from lggseg.config.variants import (
     LOSS_TERM_FIELDS,
@@ -51,6 +53,6 @@ __all__ = [
     "ARCHS", "CLUSTER_COLUMNS", "DATA_PATHS", "DERIVED_FROM_I", "KAGGLE_DATASET", "LOSS_TERMS", "LOSS_TERM_FIELDS",
     "LR_SCHEDULES", "SECTIONS", "UNUSED_LOSS", "AugmentConfig", "CommonConfig", "ConfigError", "EvaluateConfig",
     "FetchConfig", "LossConfig", "ManifestConfig", "ModelConfig", "PostprocessConfig", "RunConfig", "TrainConfig",
-    "canonical", "deep_merge", "from_dict", "load_run_config", "load_section", "read_params", "resolve_variant",
-    "run_config_from_dict", "validate_all", "variant_names", "write_configs",
+    "canonical", "deep_merge", "from_dict", "is_int", "is_number", "load_run_config", "load_section", "read_params",
+    "resolve_variant", "run_config_from_dict", "validate_all", "variant_names", "write_configs",
 ]

@@ -11,7 +11,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lggseg.config.sections import DERIVED_FROM_I, SECTIONS, LossConfig, _is_int, _is_num
+from lggseg.config.sections import DERIVED_FROM_I, SECTIONS, LossConfig, is_int, is_number
 from lggseg.errors import ConfigError
 
 
@@ -30,14 +30,15 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "") -> Any
     for f in fields(cls):
         if f.name not in data:
             continue
-        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+        kwargs[f.name] = coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a missing required field
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (as read from YAML) as the annotated type ``tp`` of a config field; ``where`` names it in errors."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     origin = get_origin(tp)
@@ -46,18 +47,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, where) for v in value)
+        return tuple(coerce(inner, v, where) for v in value)
     if origin is not None and type(None) in args:  # Optional[X]
         if value is None:
             return None
         rest = [a for a in args if a is not type(None)]
-        return _coerce(rest[0], value, where)
+        return coerce(rest[0], value, where)
     if tp is float:
-        if not _is_num(value):
+        if not is_number(value):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
     if tp is int:
-        if not _is_int(value):
+        if not is_int(value):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is bool:

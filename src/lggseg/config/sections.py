@@ -40,11 +40,13 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """An int that is not a bool (YAML's true is not 1 here)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_num(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite int or float that is not a bool."""
     return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(float(x))
 
 
@@ -62,9 +64,9 @@ class CommonConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.seed) and self.seed >= 0, f"common.seed must be a non-negative integer, got {self.seed!r}")
+        _require(is_int(self.seed) and self.seed >= 0, f"common.seed must be a non-negative integer, got {self.seed!r}")
         _require(
-            _is_int(self.image_size) and self.image_size >= 32 and self.image_size % 16 == 0,
+            is_int(self.image_size) and self.image_size >= 32 and self.image_size % 16 == 0,
             f"common.image_size must be a positive multiple of 16 (>= 32), got {self.image_size!r}",
         )
         _require(len(set(self.attribute_columns)) == len(self.attribute_columns), "common.attribute_columns has duplicates")
@@ -83,8 +85,8 @@ class FetchConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.source, str) and self.source.strip() != "", "fetch.source must be 'kaggle', 'demo' or a path")
         _require("/" in self.kaggle_dataset, f"fetch.kaggle_dataset must be 'owner/name', got {self.kaggle_dataset!r}")
-        _require(_is_int(self.demo_cases) and self.demo_cases >= 3, "fetch.demo_cases must be an integer >= 3 (one per split)")
-        _require(_is_int(self.demo_seed) and self.demo_seed >= 0, "fetch.demo_seed must be a non-negative integer")
+        _require(is_int(self.demo_cases) and self.demo_cases >= 3, "fetch.demo_cases must be an integer >= 3 (one per split)")
+        _require(is_int(self.demo_seed) and self.demo_seed >= 0, "fetch.demo_seed must be a non-negative integer")
 
     @property
     def kind(self) -> str:
@@ -103,9 +105,9 @@ class ManifestConfig:
     def __post_init__(self) -> None:
         _require(self.split_unit in ("patient", "slice"), f"manifest.split_unit must be patient or slice, got {self.split_unit!r}")
         fr = self.split_fractions
-        _require(len(fr) == 3 and all(_is_num(f) and f > 0 for f in fr), f"manifest.split_fractions must be 3 positive numbers, got {fr!r}")
+        _require(len(fr) == 3 and all(is_number(f) and f > 0 for f in fr), f"manifest.split_fractions must be 3 positive numbers, got {fr!r}")
         _require(abs(sum(fr) - 1.0) < 1e-6, f"manifest.split_fractions must sum to 1, got {sum(fr):.4f}")
-        _require(_is_int(self.split_seed) and self.split_seed >= 0, "manifest.split_seed must be a non-negative integer")
+        _require(is_int(self.split_seed) and self.split_seed >= 0, "manifest.split_seed must be a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {self.arch!r}")
         _require(isinstance(self.encoder, str) and self.encoder != "", "model.encoder must be a timm model name")
-        _require(_is_int(self.attribute_hidden) and self.attribute_hidden > 0, "model.attribute_hidden must be a positive integer")
-        _require(_is_int(self.attribute_channels) and self.attribute_channels > 0, "model.attribute_channels must be positive")
+        _require(is_int(self.attribute_hidden) and self.attribute_hidden > 0, "model.attribute_hidden must be a positive integer")
+        _require(is_int(self.attribute_channels) and self.attribute_channels > 0, "model.attribute_channels must be positive")
         _require(self.output_stride in (8, 16), f"model.output_stride must be 8 or 16, got {self.output_stride!r}")
         _require(
-            len(self.atrous_rates) == 3 and all(_is_int(r) and r > 0 for r in self.atrous_rates),
+            len(self.atrous_rates) == 3 and all(is_int(r) and r > 0 for r in self.atrous_rates),
             f"model.atrous_rates must be three positive integers, got {self.atrous_rates!r}",
         )
-        _require(_is_int(self.decoder_channels) and self.decoder_channels > 0, "model.decoder_channels must be positive")
+        _require(is_int(self.decoder_channels) and self.decoder_channels > 0, "model.decoder_channels must be positive")
         _require(not (self.attributes and self.arch != "deeplabv3plus"), "model.attributes needs arch deeplabv3plus")
 
 
@@ -162,19 +164,21 @@ class LossConfig:
         _require(len(set(self.terms)) == len(self.terms), "loss.terms has duplicates")
         for name in ("alpha", "beta", "gamma", "smooth"):
             v = getattr(self, name)
-            _require(_is_num(v) and v >= 0, f"loss.{name} must be a non-negative number, got {v!r}")
+            _require(is_number(v) and v >= 0, f"loss.{name} must be a non-negative number, got {v!r}")
         _require(
             any(self.weight(t) > 0 for t in self.terms), "loss: every weight of the used terms is 0, so the loss is constant"
         )
-        _require(_is_int(self.i) and self.i > 0 and self.i % 2 == 1, f"loss.i must be a positive odd integer, got {self.i!r}")
-        _require(_is_int(self.j) and self.j > 0 and self.j % 2 == 1, f"loss.j must be a positive odd integer, got {self.j!r}")
+        _require(is_int(self.i) and self.i > 0 and self.i % 2 == 1, f"loss.i must be a positive odd integer, got {self.i!r}")
+        _require(is_int(self.j) and self.j > 0 and self.j % 2 == 1, f"loss.j must be a positive odd integer, got {self.j!r}")
         _require(self.i < self.j, f"loss.i must be smaller than loss.j, got i={self.i}, j={self.j}")
         _require(self.threshold_rounding in ("floor", "ceil"), "loss.threshold_rounding must be floor or ceil")
         _require(self.counts in ("soft", "hard"), "loss.counts must be soft or hard")
         _require(self.outlier_mode in ("paper", "isolated_bce"), "loss.outlier_mode must be paper or isolated_bce")
         _require(self.reduction in ("mean", "sum"), "loss.reduction must be mean or sum")
-        if "outlier" in self.terms and self.outlier_mode == "paper":
-            # Otherwise every white pixel, even deep inside a large object, passes the mask of eq. 9.
+        if self.outlier_mode == "paper":
+            # Otherwise every white pixel, even deep inside a large object, passes the mask of eq. 9. The one
+            # check of this rule: lggseg.losses relies on it, also where the outlier maps are drawn without
+            # the outlier term being trained (Figure 9, the outlier study).
             ring = self.j * self.j - self.i * self.i
             _require(
                 ring > self.threshold,
@@ -183,7 +187,7 @@ class LossConfig:
             )
         for name in ("gamma_warmup_epochs", "gamma_ramp_epochs"):
             v = getattr(self, name)
-            _require(_is_int(v) and v >= 0, f"loss.{name} must be a non-negative integer, got {v!r}")
+            _require(is_int(v) and v >= 0, f"loss.{name} must be a non-negative integer, got {v!r}")
 
     def weight(self, term: str) -> float:
         return {"bce": self.alpha, "dice": self.beta, "outlier": self.gamma}[term]
@@ -242,10 +246,10 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("channel_dropout_p", "color_jitter_p", "missing_sequence_p"):
             v = getattr(self, name)
-            _require(_is_num(v) and 0 <= v <= 1, f"train.augment.{name} must be a probability, got {v!r}")
+            _require(is_number(v) and 0 <= v <= 1, f"train.augment.{name} must be a probability, got {v!r}")
         for name in ("brightness", "contrast", "saturation"):
             v = getattr(self, name)
-            _require(_is_num(v) and 0 <= v < 1, f"train.augment.{name} must be in [0, 1), got {v!r}")
+            _require(is_number(v) and 0 <= v < 1, f"train.augment.{name} must be in [0, 1), got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -300,28 +304,28 @@ class TrainConfig:
         return self.empty_slice_fraction < 1 or self.epoch_slices is not None
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
-        _require(_is_int(self.batch_size) and self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size!r}")
-        _require(_is_num(self.lr) and self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
-        _require(_is_num(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _require(_is_int(self.num_workers) and self.num_workers >= 0, "train.num_workers must be >= 0")
-        _require(_is_int(self.cpu_threads) and self.cpu_threads >= 0, "train.cpu_threads must be >= 0")
-        _require(_is_int(self.log_every) and self.log_every > 0, "train.log_every must be positive")
+        _require(is_int(self.epochs) and self.epochs > 0, f"train.epochs must be a positive integer, got {self.epochs!r}")
+        _require(is_int(self.batch_size) and self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size!r}")
+        _require(is_number(self.lr) and self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
+        _require(is_number(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(is_int(self.num_workers) and self.num_workers >= 0, "train.num_workers must be >= 0")
+        _require(is_int(self.cpu_threads) and self.cpu_threads >= 0, "train.cpu_threads must be >= 0")
+        _require(is_int(self.log_every) and self.log_every > 0, "train.log_every must be positive")
         _require(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        _require(_is_num(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+        _require(is_number(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
                  f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs!r}")
-        _require(_is_num(self.empty_slice_fraction) and 0 < self.empty_slice_fraction <= 1,
+        _require(is_number(self.empty_slice_fraction) and 0 < self.empty_slice_fraction <= 1,
                  f"train.empty_slice_fraction must be in (0, 1], got {self.empty_slice_fraction!r}")
-        _require(self.epoch_slices is None or (_is_int(self.epoch_slices) and self.epoch_slices >= self.batch_size),
+        _require(self.epoch_slices is None or (is_int(self.epoch_slices) and self.epoch_slices >= self.batch_size),
                  f"train.epoch_slices must be null or an integer >= train.batch_size ({self.batch_size}), "
                  f"got {self.epoch_slices!r}")
-        _require(self.max_minutes is None or (_is_num(self.max_minutes) and self.max_minutes > 0),
+        _require(self.max_minutes is None or (is_number(self.max_minutes) and self.max_minutes > 0),
                  f"train.max_minutes must be null or a positive number of minutes, got {self.max_minutes!r}")
         _require(self.data_path in DATA_PATHS, f"train.data_path must be one of {DATA_PATHS}, got {self.data_path!r}")
-        _require(_is_int(self.checkpoint_every) and self.checkpoint_every > 0,
+        _require(is_int(self.checkpoint_every) and self.checkpoint_every > 0,
                  f"train.checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
         _require(isinstance(self.fused_adam, bool), f"train.fused_adam must be true or false, got {self.fused_adam!r}")
-        _require(_is_int(self.bn_recalibration_slices) and self.bn_recalibration_slices >= 0,
+        _require(is_int(self.bn_recalibration_slices) and self.bn_recalibration_slices >= 0,
                  f"train.bn_recalibration_slices must be a non-negative integer, got {self.bn_recalibration_slices!r}")
 
 
@@ -335,7 +339,7 @@ class PostprocessConfig:
 
     def __post_init__(self) -> None:
         _derive_defaults(self, "postprocess")
-        _require(_is_int(self.min_area) and self.min_area >= 0, f"postprocess.min_area must be >= 0, got {self.min_area!r}")
+        _require(is_int(self.min_area) and self.min_area >= 0, f"postprocess.min_area must be >= 0, got {self.min_area!r}")
         _require(self.connectivity in (4, 8), "postprocess.connectivity must be 4 or 8")
         _require(isinstance(self.largest_3d, bool), "postprocess.largest_3d must be true or false")
 
@@ -354,11 +358,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _derive_defaults(self, "evaluate")
-        _require(_is_num(self.threshold) and 0 < self.threshold < 1, "evaluate.threshold must be in (0, 1)")
-        _require(_is_int(self.batch_size) and self.batch_size > 0, "evaluate.batch_size must be positive")
-        _require(_is_int(self.bootstrap_samples) and self.bootstrap_samples >= 100, "evaluate.bootstrap_samples must be >= 100")
-        _require(_is_int(self.bootstrap_seed) and self.bootstrap_seed >= 0, "evaluate.bootstrap_seed must be >= 0")
-        _require(_is_int(self.noise_side) and self.noise_side > 0, "evaluate.noise_side must be positive")
+        _require(is_number(self.threshold) and 0 < self.threshold < 1, "evaluate.threshold must be in (0, 1)")
+        _require(is_int(self.batch_size) and self.batch_size > 0, "evaluate.batch_size must be positive")
+        _require(is_int(self.bootstrap_samples) and self.bootstrap_samples >= 100, "evaluate.bootstrap_samples must be >= 100")
+        _require(is_int(self.bootstrap_seed) and self.bootstrap_seed >= 0, "evaluate.bootstrap_seed must be >= 0")
+        _require(is_int(self.noise_side) and self.noise_side > 0, "evaluate.noise_side must be positive")
         _require(self.connectivity in (4, 8), "evaluate.connectivity must be 4 or 8")
 
 
@@ -377,7 +381,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(bool(_VARIANT_NAME.match(self.variant)), f"variant name {self.variant!r}: use letters, digits, _ . -")
-        _require(len(self.seeds) > 0 and all(_is_int(s) and s >= 0 for s in self.seeds), "seeds must be non-negative integers")
+        _require(len(self.seeds) > 0 and all(is_int(s) and s >= 0 for s in self.seeds), "seeds must be non-negative integers")
         _require(len(set(self.seeds)) == len(self.seeds), "seeds has duplicates")
         if self.model.arch == "unet":
             _require(self.common.image_size % 32 == 0, "U-Net needs common.image_size divisible by 32")

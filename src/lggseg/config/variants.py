@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lggseg.config.loading import _coerce, deep_merge, from_dict, load_section, read_params
+from lggseg.config.loading import coerce, deep_merge, from_dict, load_section, read_params
 from lggseg.config.sections import SECTIONS, LossConfig, ModelConfig, RunConfig, TrainConfig
 from lggseg.errors import ConfigError
 from lggseg.io import write_text
@@ -57,7 +57,7 @@ def resolve_variant(params: Mapping[str, Any], name: str) -> RunConfig:
         model=from_dict(ModelConfig, sec["model"], f"variants.{name}.model"),
         loss=from_dict(LossConfig, sec["loss"], f"variants.{name}.loss"),
         train=from_dict(TrainConfig, sec["train"], f"variants.{name}.train"),
-        seeds=_coerce(tuple[int, ...], seeds, "seeds"),
+        seeds=coerce(tuple[int, ...], seeds, "seeds"),
         tables=tuple(str(t) for t in tables),
         label=str(over.get("label", name)),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset, Sampler
 
 from lggseg.config import AugmentConfig
 from lggseg.errors import DataError
+
+if TYPE_CHECKING:
+    from lggseg.data.store import Store
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -222,7 +225,7 @@ class SliceDataset(Dataset):
 
     def __init__(
         self,
-        store: Any,
+        store: Store,
         indices: np.ndarray | list[int],
         image_size: int,
         augment: AugmentConfig | None = None,

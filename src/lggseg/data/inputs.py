@@ -62,12 +62,12 @@ class Inputs:
 
 
 def _case_slices(case: Path, out_dir: str) -> list[SliceInput]:
-    from lggseg.data.layout import _CASE_RE, _scan_case
+    from lggseg.data.layout import CASE_RE, scan_case
 
-    m = _CASE_RE.match(case.name)
+    m = CASE_RE.match(case.name)
     if not m:
         raise DataError(f"{case}: folder name is not a case id like TCGA_CS_4941_19960909")
-    refs = _scan_case(case, m.group(1), require_masks=False)
+    refs = scan_case(case, m.group(1), require_masks=False)
     root = case.parent
     return [
         SliceInput(
@@ -78,7 +78,8 @@ def _case_slices(case: Path, out_dir: str) -> list[SliceInput]:
     ]
 
 
-def _visible(folder: Path) -> list[Path]:
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` whose names do not start with a dot, sorted."""
     try:
         return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as exc:
@@ -86,12 +87,12 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _lone_slice(path: Path) -> SliceInput:
-    from lggseg.data.layout import _CASE_RE
+    from lggseg.data.layout import CASE_RE
 
     case_id, index, patient = path.stem, None, None
-    if (m := _NUMBERED.match(path.stem)) and (c := _CASE_RE.match(m.group(1))):
+    if (m := _NUMBERED.match(path.stem)) and (c := CASE_RE.match(m.group(1))):
         case_id, index, patient = m.group(1), int(m.group(2)), c.group(1)
-    elif c := _CASE_RE.match(path.stem):
+    elif c := CASE_RE.match(path.stem):
         patient = c.group(1)
     mask = next(
         (p for p in (path.with_name(f"{path.stem}_mask{path.suffix}"), path.with_name(f"{path.stem}_mask.tif")) if p.is_file()),
@@ -102,7 +103,7 @@ def _lone_slice(path: Path) -> SliceInput:
 
 def resolve_inputs(path: str | Path) -> Inputs:
     """Find and validate the slices of ``path`` (a slice file, a case folder or a folder of cases)."""
-    from lggseg.data.layout import _CASE_RE
+    from lggseg.data.layout import CASE_RE
 
     path = Path(path)
     if not path.exists():
@@ -114,19 +115,19 @@ def resolve_inputs(path: str | Path) -> Inputs:
             raise DataError(f"{path}: this is a mask; give the slice image (the mask beside it is used as truth)")
         case = path.parent
         m = _NUMBERED.match(path.stem)
-        if m and m.group(1) == case.name and _CASE_RE.match(case.name) and path.suffix == ".tif":
+        if m and m.group(1) == case.name and CASE_RE.match(case.name) and path.suffix == ".tif":
             # A slice of a case folder: validate the case and take the slice's number and position from it.
             chosen = [s for s in _case_slices(case, "") if s.image.name == path.name]
             return Inputs("slice", chosen, _existing(case.parent / "data.csv"))
         return Inputs("slice", [_lone_slice(path)], None)
-    entries = _visible(path)
+    entries = visible_entries(path)
     folders = [p for p in entries if p.is_dir()]
     if folders:
         slices = [s for case in folders for s in _case_slices(case, case.name)]
         return Inputs("cases", slices, _existing(path / "data.csv"))
     if not entries:
         raise DataError(f"{path}: empty input folder (expected slices <case>_<n>.tif or case folders)")
-    if not _CASE_RE.match(path.name):
+    if not CASE_RE.match(path.name):
         raise DataError(
             f"{path}: neither a case folder (named like TCGA_CS_4941_19960909, holding <case>_<n>.tif) "
             "nor a folder of case folders"
@@ -140,14 +141,14 @@ def _existing(path: Path) -> Path | None:
 
 def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
-    from lggseg.data.layout import _check_image, _check_mask, _decode_tif, _read
+    from lggseg.data.layout import check_image, check_mask, decode_tif, read_file
 
-    image, mode = _decode_tif(item.image, _read(item.image))
-    _check_image(item.image, image, mode)
+    image, mode = decode_tif(item.image, read_file(item.image))
+    check_image(item.image, image, mode)
     truth = None
     if item.mask is not None:
-        mask, mode = _decode_tif(item.mask, _read(item.mask))
-        _check_mask(item.mask, mask, mode)
+        mask, mode = decode_tif(item.mask, read_file(item.mask))
+        check_mask(item.mask, mask, mode)
         truth = mask == 255
     return np.ascontiguousarray(image), truth
 

@@ -20,7 +20,8 @@ from lggseg.errors import DataError
 RAW_SIZE = 256
 
 
-_CASE_RE = re.compile(r"^([A-Za-z0-9-]+_[A-Za-z0-9-]+_[A-Za-z0-9-]+)_([A-Za-z0-9-]+)$")
+CASE_RE = re.compile(r"^([A-Za-z0-9-]+_[A-Za-z0-9-]+_[A-Za-z0-9-]+)_([A-Za-z0-9-]+)$")
+"""A case folder name, ``TCGA_CS_4941_19960909``: groups patient (``TCGA_CS_4941``) and date."""
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,14 @@ def scan_raw_dir(raw_dir: str | Path) -> list[SliceRef]:
         raise DataError(f"{raw_dir / 'data.csv'}: not found (the clinical/genomic table of the Kaggle layout)")
     refs: list[SliceRef] = []
     for case in cases:
-        m = _CASE_RE.match(case.name)
+        m = CASE_RE.match(case.name)
         if not m:
             raise DataError(f"{case}: folder name is not a case id like TCGA_CS_4941_19960909")
-        refs.extend(_scan_case(case, m.group(1)))
+        refs.extend(scan_case(case, m.group(1)))
     return refs
 
 
-def _scan_case(case: Path, patient: str, require_masks: bool = True) -> list[SliceRef]:
+def scan_case(case: Path, patient: str, require_masks: bool = True) -> list[SliceRef]:
     """Slices of one case folder. ``require_masks=False`` (``lggseg predict``) also accepts a case
     with no mask at all (``mask_path`` is then ""); a case with some masks must still have all."""
     pattern = re.compile(rf"^{re.escape(case.name)}_([1-9][0-9]*)(_mask)?\.tif$")
@@ -86,7 +87,8 @@ def _scan_case(case: Path, patient: str, require_masks: bool = True) -> list[Sli
     ]
 
 
-def _decode_tif(path: Path, data: bytes) -> tuple[np.ndarray, str]:
+def decode_tif(path: Path, data: bytes) -> tuple[np.ndarray, str]:
+    """The pixels of a TIFF's ``data`` and its PIL mode; an undecodable file raises ``DataError`` naming ``path``."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -103,14 +105,16 @@ def _decode_tif(path: Path, data: bytes) -> tuple[np.ndarray, str]:
         raise DataError(f"{path}: unreadable or truncated TIFF ({exc})") from None
 
 
-def _read(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
+    """The bytes of ``path``; an unreadable file raises ``DataError`` naming it."""
     try:
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def _check_image(path: Path, arr: np.ndarray, mode: str) -> None:
+def check_image(path: Path, arr: np.ndarray, mode: str) -> None:
+    """Raise ``DataError`` unless ``arr`` is a 256x256 RGB uint8 slice (grayscale and RGBA are refused)."""
     want = f"expected {RAW_SIZE}x{RAW_SIZE} RGB uint8 (pre-contrast, FLAIR, post-contrast)"
     channels = 1 if arr.ndim == 2 else arr.shape[-1]
     if arr.ndim == 2 or channels == 1:
@@ -123,7 +127,8 @@ def _check_image(path: Path, arr: np.ndarray, mode: str) -> None:
         raise DataError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]}; {want}")
 
 
-def _check_mask(path: Path, arr: np.ndarray, mode: str) -> None:
+def check_mask(path: Path, arr: np.ndarray, mode: str) -> None:
+    """Raise ``DataError`` unless ``arr`` is a 256x256 single-channel uint8 mask of 0 and 255."""
     want = f"expected a {RAW_SIZE}x{RAW_SIZE} single-channel uint8 mask with values 0 and 255"
     if arr.ndim != 2:
         raise DataError(f"{path}: mask has shape {arr.shape} (mode {mode}); {want}")

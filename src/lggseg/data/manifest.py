@@ -60,7 +60,15 @@ from tqdm.auto import tqdm
 
 from lggseg.config import CommonConfig, ManifestConfig
 from lggseg.data.fetch import FINGERPRINT_NAME, csv_delimiter, fingerprint
-from lggseg.data.layout import RAW_SIZE, SliceRef, _check_image, _check_mask, _decode_tif, _read, scan_raw_dir
+from lggseg.data.layout import (
+    RAW_SIZE,
+    SliceRef,
+    check_image,
+    check_mask,
+    decode_tif,
+    read_file,
+    scan_raw_dir,
+)
 from lggseg.data.store import SPLITS
 from lggseg.errors import DataError
 from lggseg.io import atomic_dir, write_csv, write_json
@@ -208,12 +216,12 @@ class _Decoded:
 def _decode_slice(raw_dir: Path, ref: SliceRef, row: int, images: np.ndarray, masks: np.ndarray) -> _Decoded:
     digests = {}
     arrays = []
-    for rel, check in ((ref.image_path, _check_image), (ref.mask_path, _check_mask)):
+    for rel, check in ((ref.image_path, check_image), (ref.mask_path, check_mask)):
         path = raw_dir / rel
-        data = _read(path)
+        data = read_file(path)
         # Hash what we decode, so the store's fingerprint costs no second read of the TIFFs.
         digests[rel] = (len(data), hashlib.sha256(data).hexdigest())
-        arr, mode = _decode_tif(path, data)
+        arr, mode = decode_tif(path, data)
         check(path, arr, mode)
         arrays.append(arr)
     image, mask = arrays

@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from lggseg.data.dataset import (
     resize_masks,
 )
 from lggseg.errors import DataError
+
+if TYPE_CHECKING:
+    from lggseg.data.store import Store
 
 # A split is made resident under data_path auto only if it takes at most this share of the free
 # device memory: the model, its activations and the optimizer state need the rest.
@@ -219,7 +222,7 @@ class ResidentBatches:
     Images are channels-last in memory (a free permute of the stored HWC layout).
     """
 
-    def __init__(self, store: Any, indices: np.ndarray, image_size: int, device: torch.device, batch_size: int,
+    def __init__(self, store: Store, indices: np.ndarray, image_size: int, device: torch.device, batch_size: int,
                  augment: AugmentConfig | None = None, seed: int = 0, shuffle: bool = False, drop_last: bool = False,
                  rank: int = 0, world_size: int = 1) -> None:
         indices = np.asarray(indices, dtype=np.int64)

@@ -31,7 +31,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,9 @@ from lggseg.evaluation.postprocess import postprocess_case
 from lggseg.inference import attribute_order, find_model_dirs, predict_probabilities, uses_attributes
 from lggseg.io import atomic_dir, atomic_path, write_csv, write_json
 from lggseg.runtime import git_commit, resolve_device, software_versions
+
+if TYPE_CHECKING:
+    from lggseg.data.store import Store
 
 PAPER_FIGURE_IDS = (
     "TCGA_FG_8189_20030516_21",
@@ -69,7 +72,7 @@ class Evaluation(NamedTuple):
     figures: dict[str, np.ndarray]
 
 
-def _row_table(store: Any) -> pd.DataFrame:
+def _row_table(store: Store) -> pd.DataFrame:
     """The manifest table indexed by store row (the ``row`` column when present)."""
     table = store.table
     if "row" in table.columns:
@@ -112,7 +115,7 @@ def _evaluate_one(
     seed: int,
     model: torch.nn.Module,
     meta: Mapping[str, Any],
-    store: Any,
+    store: Store,
     test_rows: np.ndarray,
     figure_rows: list[int],
     cfg: EvaluateConfig,
@@ -204,7 +207,7 @@ def _block(rows: pd.DataFrame, cfg: EvaluateConfig) -> tuple[dict[str, Any], dic
 
 def evaluate_loaded(
     models: Mapping[int, tuple[torch.nn.Module, Mapping[str, Any]]],
-    store: Any,
+    store: Store,
     cfg: EvaluateConfig,
     post: PostprocessConfig,
     device: str | torch.device = "auto",
@@ -330,7 +333,7 @@ def training_provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def provenance(models: Mapping[int, tuple[torch.nn.Module, Mapping[str, Any]]], store: Any, cfg: EvaluateConfig,
+def provenance(models: Mapping[int, tuple[torch.nn.Module, Mapping[str, Any]]], store: Store, cfg: EvaluateConfig,
                device: torch.device) -> dict[str, Any]:
     """The ``provenance`` block of ``metrics/<variant>.json``: where these numbers come from."""
     meta = getattr(store, "meta", None) or {}

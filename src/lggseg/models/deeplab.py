@@ -24,7 +24,7 @@ from segmentation_models_pytorch.base.utils import is_torch_compiling
 from torch import nn
 
 from lggseg.errors import ModelError
-from lggseg.models.encoders import ENCODER_DEPTH, _timm_name, deeplab_encoder, unet_encoder
+from lggseg.models.encoders import ENCODER_DEPTH, deeplab_encoder, timm_name, unet_encoder
 from lggseg.models.record import BuildRecord, RecordedNetwork
 
 # --------------------------------------------------------------------------- building blocks
@@ -99,7 +99,7 @@ class AttributeDeepLabV3Plus(RecordedNetwork, smp.DeepLabV3Plus):
 
     def __init__(self, record: BuildRecord) -> None:
         cfg = record.config
-        name = _timm_name(cfg.encoder)
+        name = timm_name(cfg.encoder)
         n_attributes = record.used_attributes
         joined = cfg.attribute_channels if n_attributes > 0 else 0
         super().__init__(
@@ -146,7 +146,7 @@ class UnetBaseline(RecordedNetwork, smp.Unet):
 
     def __init__(self, record: BuildRecord) -> None:
         cfg = record.config
-        name = _timm_name(cfg.encoder)
+        name = timm_name(cfg.encoder)
         if record.image_size % 32:
             raise ModelError(f"U-Net needs common.image_size divisible by 32, got {record.image_size}")
         super().__init__(

@@ -184,7 +184,8 @@ class FusedStride16Encoder(TimmEncoder):
         return [*features, torch.cat([f16, f32], dim=1)]
 
 
-def _timm_name(encoder: str) -> str:
+def timm_name(encoder: str) -> str:
+    """The timm model name of ``model.encoder`` (without smp's ``tu-`` prefix); an unknown one raises ``ModelError``."""
     name = encoder.removeprefix("tu-")
     if not timm.is_model(name):
         raise ModelError(f"model.encoder {encoder!r} is not a timm model (see timm.list_models())")
@@ -221,7 +222,8 @@ def _reference_state(name: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, to
     return {k: v.shape for k, v in ref.state_dict().items()}, tuple(f"{c}." for c in classifier)
 
 
-def _summarise(keys: Sequence[str], limit: int = 6) -> str:
+def summarise_keys(keys: Sequence[str], limit: int = 6) -> str:
+    """The first ``limit`` of the sorted ``keys`` and how many more, for one-line error messages."""
     keys = sorted(keys)
     more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -235,7 +237,7 @@ def check_weights_file(path: str | Path, encoder: str, image_size: int = 256) ->
     classifier may be absent. Missing, unexpected or mis-shaped tensors raise :class:`ModelError`.
     """
     path = Path(path)
-    name = _timm_name(encoder)
+    name = timm_name(encoder)
     if not path.is_file():
         raise ModelError(f"model.weights_file {path}: no such file (encoder {name})")
     try:
@@ -260,11 +262,11 @@ def check_weights_file(path: str | Path, encoder: str, image_size: int = 256) ->
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_summarise(missing)}")
+        problems.append(f"{len(missing)} missing: {summarise_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_summarise(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {summarise_keys(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_summarise(wrong, 3)}")
+        problems.append(f"{len(wrong)} with the wrong shape: {summarise_keys(wrong, 3)}")
     if problems:
         raise ModelError(
             f"model.weights_file {path} is not a timm state dict of {name!r}: " + "; ".join(problems)

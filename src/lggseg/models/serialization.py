@@ -23,7 +23,7 @@ from torch import nn
 from lggseg.config import ConfigError, ModelConfig, from_dict
 from lggseg.errors import ModelError
 from lggseg.io import OutputError, atomic_path, write_json
-from lggseg.models.encoders import _summarise
+from lggseg.models.encoders import summarise_keys
 from lggseg.models.record import RecordedNetwork
 from lggseg.models.registry import build_model
 
@@ -142,7 +142,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     ]
     if missing or unexpected or wrong:
         parts = [
-            f"{len(v)} {label}: {_summarise(v, 4)}"
+            f"{len(v)} {label}: {summarise_keys(v, 4)}"
             for label, v in (
                 ("missing", missing),
                 ("unexpected", unexpected),

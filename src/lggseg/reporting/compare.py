@@ -26,7 +26,7 @@ from typing import Any
 
 from lggseg.errors import DataError, LggsegError
 from lggseg.reporting.results import FRACTION_KEYS, SCALAR_KEYS, load_metrics
-from lggseg.reporting.tables import _md_table, provenance_line
+from lggseg.reporting.tables import md_table, provenance_line
 
 COUNT_KEYS = frozenset({"n_test_slices", "n_test_patients"})
 
@@ -66,7 +66,7 @@ def compare_markdown(a: Mapping[str, Any], b: Mapping[str, Any], labels: Sequenc
     if len(labels) != 2:
         raise ValueError(f"compare_markdown needs two labels, got {list(labels)!r}")
     la, lb = labels
-    return _md_table(["metric", la, lb, f"{lb} - {la}", "relative"], compare_rows(a, b))
+    return md_table(["metric", la, lb, f"{lb} - {la}", "relative"], compare_rows(a, b))
 
 
 def resolve_metrics(path: str | Path, variant: str | None = None) -> Path:

@@ -1,27 +1,48 @@
-"""A ``lggseg reproduce`` folder: its files (:data:`FILES`, the one place of that layout) and its report.
+"""The ``lggseg reproduce`` folder format, its one owner: the file names (:data:`FILES`), the writer
+(:class:`FolderWriter`, used by :mod:`lggseg.reproduce`) and the readers (:func:`load_folder_figures`,
+:func:`build_folder_report`, ``lggseg report DIR``).
 
-:mod:`lggseg.reproduce` writes the folder; ``lggseg report DIR`` (:func:`build_folder_report`) reads it
-back and writes ``tables.md`` and the figures through :func:`lggseg.reporting.report.write_report`, the
-function the report stage ends in. Kept here, below :mod:`lggseg.reproduce`, so reporting never
-imports the code that trains.
+The folder holds the seven files of :data:`FILES`, whatever the number of variants, each written
+atomically (files shared by several variants gain a ``variant`` column or key):
+
+* ``params.yaml``: the merged parameters, ``variants`` reduced to those asked for;
+* ``metrics.json``: ``{variant: metrics}``, each exactly the ``metrics/<variant>.json`` of the
+  evaluate stage (with its ``provenance`` block);
+* ``slices.csv``: the evaluate stage's per-slice rows of every variant (raw and post-processed);
+* ``figure_slices.npz``: the inputs of Figures 7-8: the evaluate stage's :data:`SHARED_FIGURE_KEYS`
+  (the same for every variant: the same store and evaluation settings) and, per variant, each of
+  :data:`PER_VARIANT_FIGURE_KEYS` under :func:`variant_key` (``prob__<variant>``; compressed);
+* ``training.csv``: one row per variant, seed and epoch: the training history of ``result.json``;
+* ``environment.json``: what :mod:`lggseg.reproduce` records of the run (device, versions, data,
+  wall times, per variant and seed the epochs done and why training stopped);
+* ``components.csv``: the store's ground-truth components (the report's dataset section).
+
+``lggseg report DIR`` (:func:`build_folder_report`) reads the folder back and writes ``tables.md`` and
+the figures through :func:`lggseg.reporting.report.write_report`, the function the report stage ends
+in. Kept in reporting, below :mod:`lggseg.reproduce`, so reporting never imports the code that trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
+import pandas as pd
 
 from lggseg.config import ConfigError, read_params, resolve_variant
 from lggseg.errors import DataError, LggsegError
+from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
 from lggseg.reporting.results import check_figure_slices
 
-FILES = {
+log = logging.getLogger(__name__)
+
+FILES: Final[dict[str, str]] = {
     "params": "params.yaml",
     "metrics": "metrics.json",
     "slices": "slices.csv",
@@ -30,16 +51,63 @@ FILES = {
     "environment": "environment.json",
     "components": "components.csv",
 }
-"""What ``lggseg reproduce`` writes into its output folder (kind -> file name)."""
+"""The files of the folder (kind -> file name)."""
+
+SHARED_FIGURE_KEYS: Final[tuple[str, ...]] = ("ids", "rows", "image", "truth", "threshold", "min_area", "selection")
+"""Arrays of ``figure_slices.npz`` stored once for all variants."""
+
+PER_VARIANT_FIGURE_KEYS: Final[tuple[str, ...]] = ("prob", "prob_seed")
+"""Arrays of ``figure_slices.npz`` stored per variant, as :func:`variant_key` names them."""
 
 
-_SHARED_FIGURE_KEYS = ("ids", "rows", "image", "truth", "threshold", "min_area", "selection")
+def variant_key(key: str, variant: str) -> str:
+    """The name of array ``key`` of ``variant`` in ``figure_slices.npz``, e.g. ``prob__regnet_bce``."""
+    return f"{key}__{variant}"
 
 
-_PER_VARIANT = ("prob", "prob_seed")
+class FolderWriter:
+    """Writes the folder, rewriting it (file by file, atomically) each time a variant is added."""
 
+    def __init__(self, out: Path, params: Mapping[str, Any], environment: dict[str, Any]) -> None:
+        self.out = out
+        self.environment = environment
+        self.metrics: dict[str, Any] = {}
+        self.slices: list[pd.DataFrame] = []
+        self.training: list[pd.DataFrame] = []
+        self.figures: dict[str, np.ndarray] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        stray = sorted(p.name for p in out.iterdir() if p.name not in FILES.values())
+        if stray:
+            log.warning("%s already holds %s; they are left as they are", out, ", ".join(stray[:5]))
+        write_yaml(out / FILES["params"], dict(params))
+        self.write_environment()
 
-_SEP = "__"  # prob__<variant>: variant names are identifiers
+    def write_environment(self) -> None:
+        """(Re)write ``environment.json`` from :attr:`environment`, which the caller keeps updating."""
+        write_json(self.out / FILES["environment"], self.environment)
+
+    def add_components(self, store_dir: Path) -> None:
+        """Copy the store's ``components.csv``."""
+        write_bytes(self.out / FILES["components"], (store_dir / "components.csv").read_bytes())
+
+    def add_variant(self, variant: str, metrics: dict[str, Any], slices: pd.DataFrame,
+                    figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]]) -> None:
+        """Add a variant's evaluation (``metrics``, per-slice rows, figure arrays) and its seeds'
+        ``result.json`` contents (``results``), and rewrite every file."""
+        self.metrics[variant] = metrics
+        self.slices.append(slices.assign(variant=variant)[["variant", *slices.columns]])
+        rows = [{"variant": variant, "seed": r["seed"], **row} for r in results for row in r["history"]]
+        self.training.append(pd.DataFrame(rows))
+        for key in SHARED_FIGURE_KEYS:
+            self.figures.setdefault(key, np.asarray(figures[key]))
+        for key in PER_VARIANT_FIGURE_KEYS:
+            self.figures[variant_key(key, variant)] = np.asarray(figures[key])
+        write_json(self.out / FILES["metrics"], self.metrics)
+        write_csv(self.out / FILES["slices"], pd.concat(self.slices, ignore_index=True))
+        write_csv(self.out / FILES["training"], pd.concat(self.training, ignore_index=True))
+        with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **self.figures)
+        self.write_environment()
 
 
 def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
@@ -54,8 +122,8 @@ def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
     missing = [k for k in ("ids", "image", "truth") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing array(s) {missing}; has {sorted(arrays)}")
-    return {v: check_figure_slices(arrays["ids"], arrays["image"], arrays["truth"], arrays[f"prob{_SEP}{v}"], path)
-            for v in variants if f"prob{_SEP}{v}" in arrays}
+    return {v: check_figure_slices(arrays["ids"], arrays["image"], arrays["truth"], arrays[variant_key("prob", v)], path)
+            for v in variants if variant_key("prob", v) in arrays}
 
 
 def build_folder_report(folder: str | Path, tables: str | Path | None = None, plots: str | Path | None = None) -> Path:

@@ -39,18 +39,18 @@ from lggseg.reporting import plotting
 from lggseg.reporting.results import (
     FigureSlices,
     Result,
-    _below_text,
+    below_text,
     component_counts,
     load_components,
     load_figure_slices,
     load_results,
 )
 from lggseg.reporting.tables import (
-    _md_table,
-    _uses_outlier,
     beyond_markdown,
+    md_table,
     paper_matches,
     paper_table_markdown,
+    uses_outlier,
 )
 
 # --------------------------------------------------------------------------- paper numbers
@@ -176,13 +176,13 @@ def _dataset_lines(components: pd.DataFrame, source: Path, data_json: Path, summ
          str(c["bbox_lt_side"]), str(c["slices_with_area_lt_side_sq"])]
         for conn, c in component_counts(components, side).items()
     ]
-    lines += _md_table(("Connectivity", "Components", f"area < {side * side} px", f"bounding box <= {side} x {side}",
+    lines += md_table(("Connectivity", "Components", f"area < {side * side} px", f"bounding box <= {side} x {side}",
                         f"bounding box < {side} x {side}", f"slices with a component < {side * side} px"), rows)
     lines += ["", f"From `{source.as_posix()}`.", "", f"![component sizes]({fig_link})", ""]
     if summary is not None:
         scalars = _flat_scalars(summary)
         if scalars:
-            lines += [f"### Dataset summary (`{data_json.as_posix()}`)", "", *_md_table(("Key", "Value"), scalars), ""]
+            lines += [f"### Dataset summary (`{data_json.as_posix()}`)", "", *md_table(("Key", "Value"), scalars), ""]
     return lines
 
 
@@ -213,7 +213,7 @@ def figure7_variants(results: Sequence[Result]) -> tuple[Result, Result]:
     """The Table 2 BCE variant and the Table 2 BCE + Dice + outlier variant (paper mode preferred)."""
     t2 = [r for r in results if "table2" in r.run.tables]
     bce = next((r for r in t2 if set(r.run.loss.terms) == {"bce"}), None)
-    outl = [r for r in t2 if _uses_outlier(r)]
+    outl = [r for r in t2 if uses_outlier(r)]
     outl.sort(key=lambda r: r.run.loss.outlier_mode != "paper")
     if bce is None or not outl:
         raise ConfigError(
@@ -343,7 +343,7 @@ def write_report(
     counts = component_counts(components, side)
     plotting.plot_component_sizes(
         {f"{c}-connected": components.loc[components["connectivity"] == c, "area"].to_numpy() for c in counts},
-        {f"{c}-connected": _below_text(n, side) for c, n in counts.items()}, paths["components"], side=side, note=note,
+        {f"{c}-connected": below_text(n, side) for c, n in counts.items()}, paths["components"], side=side, note=note,
     )
     plotting.plot_dice_by_variant(_dice_bars(results), paths["dice"], note=note)
 

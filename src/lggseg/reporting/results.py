@@ -7,7 +7,6 @@ Anything the report needs and cannot read is a :class:`~lggseg.errors.DataError`
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lggseg.config import RunConfig, resolve_variant, variant_names
+from lggseg.config import RunConfig, is_number, resolve_variant, variant_names
 from lggseg.data import manifest
 from lggseg.errors import DataError
 from lggseg.evaluation.metrics import SUMMARY_KEYS
@@ -38,10 +37,6 @@ NULLABLE_KEYS = frozenset({"dice_tumour_slices", "dice_patient_3d", "hd95_px", "
 CI_KEYS = ("dice_slice_mean_ci95", "dice_patient_3d_ci95")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
 def _check_block(block: Any, path: Path, where: str, require_ci: bool) -> None:
     if not isinstance(block, Mapping):
         raise DataError(f"{path}: {where or 'top level'} must be a JSON object, got {type(block).__name__}")
@@ -53,7 +48,7 @@ def _check_block(block: Any, path: Path, where: str, require_ci: bool) -> None:
         v = block[key]
         if v is None and key in NULLABLE_KEYS:
             continue
-        if not _is_number(v):
+        if not is_number(v):
             raise DataError(f"{path}: {prefix}{key} must be a finite number, got {v!r}")
         if key in FRACTION_KEYS and not 0.0 <= v <= 1.0:
             raise DataError(f"{path}: {prefix}{key} = {v!r} is not a fraction in [0, 1]")
@@ -69,7 +64,7 @@ def _check_block(block: Any, path: Path, where: str, require_ci: bool) -> None:
         ci = block[key]
         if ci is None or (isinstance(ci, list) and all(c is None for c in ci)):
             continue  # undefined interval (no values to resample)
-        if not (isinstance(ci, list) and len(ci) == 2 and all(_is_number(c) for c in ci)):
+        if not (isinstance(ci, list) and len(ci) == 2 and all(is_number(c) for c in ci)):
             raise DataError(f"{path}: {prefix}{key} must be [lo, hi], got {ci!r}")
         if not 0.0 <= ci[0] <= ci[1] <= 1.0:
             raise DataError(f"{path}: {prefix}{key} = {ci!r} is not an interval inside [0, 1]")
@@ -94,7 +89,7 @@ def check_metrics(data: Any, path: str | Path) -> dict[str, Any]:
     # Absent when postprocess.min_area is 0 (post-processing disabled).
     if "postprocessed" in data:
         _check_block(data["postprocessed"], path, "postprocessed", require_ci=False)
-        if not _is_number(data["postprocessed"].get("min_area")):
+        if not is_number(data["postprocessed"].get("min_area")):
             raise DataError(f"{path}: postprocessed.min_area must be a number")
     if "provenance" in data and not isinstance(data["provenance"], Mapping):
         raise DataError(f"{path}: provenance must be a JSON object, got {type(data['provenance']).__name__}")
@@ -107,7 +102,7 @@ def check_metrics(data: Any, path: str | Path) -> dict[str, Any]:
         std = block.get("seed_std", {})
         if not isinstance(std, Mapping):
             raise DataError(f"{path}: {where}seed_std must be an object")
-        bad = {k: v for k, v in std.items() if not (v is None or _is_number(v))}
+        bad = {k: v for k, v in std.items() if not (v is None or is_number(v))}
         if bad:
             raise DataError(f"{path}: {where}seed_std values must be numbers, got {bad}")
     return data
@@ -196,7 +191,8 @@ def component_counts(table: pd.DataFrame, side: int) -> dict[int, dict[str, int]
     return {conn: counts[f"conn{conn}"] for conn in (4, 8) if (table["connectivity"] == conn).any()}
 
 
-def _below_text(c: Mapping[str, int], side: int) -> str:
+def below_text(c: Mapping[str, int], side: int) -> str:
+    """The counts of ground-truth components below the ``side`` x ``side`` noise size, in words."""
     return (f"{c['area_lt_side_sq']} with area < {side * side} px, {c['bbox_le_side']} with bounding box <= {side}x{side}, "
             f"{c['bbox_lt_side']} with bounding box < {side}x{side}")
 

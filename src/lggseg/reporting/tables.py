@@ -7,14 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lggseg.config import is_number
 from lggseg.reporting.paper import PAPER_TABLES, TABLE_NOTES, TABLE_TITLES, PaperRow
-from lggseg.reporting.results import Result, _is_number
+from lggseg.reporting.results import Result
 
 
 def _std(m: Mapping[str, Any], key: str) -> float | None:
     """Seed standard deviation of ``key``; only multi-seed blocks (top level and postprocessed) have one."""
     v = (m.get("seed_std") or {}).get(key)
-    return float(v) if _is_number(v) else None
+    return float(v) if is_number(v) else None
 
 
 def _signed(x: float) -> str:
@@ -51,7 +52,8 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table."""
     return [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows)]
 
 
@@ -235,7 +237,7 @@ def paper_table_markdown(table: str, results: Sequence[Result]) -> list[str]:
                 _value(m, "iou_slice_mean", paper=iou), *_tail_cells(m), _seeds(m),
             ])
     shown = [r for _, hits in paper_matches(table, results) for r in hits]
-    return [f"### {TABLE_TITLES[table]}", "", *_md_table(header, rows), "", *provenance_lines(shown),
+    return [f"### {TABLE_TITLES[table]}", "", *md_table(header, rows), "", *provenance_lines(shown),
             f"*{TABLE_NOTES[table]}*", ""]
 
 
@@ -244,7 +246,8 @@ def _best(results: Sequence[Result], keep: Callable[[Result], bool] = lambda r: 
     return max(pool, key=lambda r: r.metrics["dice_slice_mean"]) if pool else None
 
 
-def _uses_outlier(r: Result) -> bool:
+def uses_outlier(r: Result) -> bool:
+    """Whether the variant trains with the outlier term."""
     return "outlier" in r.run.loss.terms
 
 
@@ -255,7 +258,7 @@ def postprocess_comparison(results: Sequence[Result]) -> list[Result]:
     (``postprocess.min_area``) give a plain model what the loss gives during training?
     """
     picked: list[Result] = []
-    for r in (_best(results), _best(results, lambda r: not _uses_outlier(r)), *(r for r in results if _uses_outlier(r))):
+    for r in (_best(results), _best(results, lambda r: not uses_outlier(r)), *(r for r in results if uses_outlier(r))):
         if r is not None and r.name not in {p.name for p in picked}:
             picked.append(r)
     return picked
@@ -268,7 +271,7 @@ def beyond_markdown(results: Sequence[Result]) -> list[str]:
     rows = [[f"{r.label} (`{r.name}`)", *_ours_cells(r.metrics, None), _value(r.metrics, "iou_slice_mean"),
              *_tail_cells(r.metrics), _seeds(r.metrics)] for r in beyond]
     if rows:
-        lines += [*_md_table(header, rows), "", *provenance_lines(beyond)]
+        lines += [*md_table(header, rows), "", *provenance_lines(beyond)]
     else:
         lines += ["No variant lists `beyond` in its `tables`.", ""]
 
@@ -297,7 +300,7 @@ def beyond_markdown(results: Sequence[Result]) -> list[str]:
                 name, what, _value(m, "dice_slice_mean"), delta, _value(m, "dice_tumour_slices"),
                 _value(m, "dice_patient_3d"), _value(m, "dice_micro"), _value(m, "iou_slice_mean"), *_tail_cells(m),
             ])
-    lines += [*_md_table(header, rows), "", *provenance_lines(compared)]
+    lines += [*md_table(header, rows), "", *provenance_lines(compared)]
     if any("postprocessed" not in r.metrics for r in results):
         lines += ["Variants without a post-processed row were evaluated with `postprocess.min_area: 0` (disabled).", ""]
     return lines
