@@ -114,7 +114,7 @@ def resolve_inputs(path: str | Path) -> Inputs:
             raise DataError(f"{path}: this is a mask; give the slice image (the mask beside it is used as truth)")
         case = path.parent
         m = _NUMBERED.match(path.stem)
-        if m and m.group(1) == case.name and _CASE_RE.match(case.name) and path.suffix == ".tif":
+        if m and m.group(1) == case.name and _CASE_RE.match(case.name) and path.suffix in (".tif", ".png"):
             # A slice of a case folder: validate the case and take the slice's number and position from it.
             chosen = [s for s in _case_slices(case, "") if s.image.name == path.name]
             return Inputs("slice", chosen, _existing(case.parent / "data.csv"))
@@ -139,15 +139,16 @@ def _existing(path: Path) -> Path | None:
 
 
 def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
+    """Decode and validate a slice and its mask (if any) with the manifest's checks, any size (predict resizes):
+    ``(uint8 HxWx3, bool HxW | None)``."""
     from lggseg.data.layout import _check_image, _check_mask, _decode_tif, _read
 
     image, mode = _decode_tif(item.image, _read(item.image))
-    _check_image(item.image, image, mode)
+    _check_image(item.image, image, mode, any_size=True)
     truth = None
     if item.mask is not None:
         mask, mode = _decode_tif(item.mask, _read(item.mask))
-        _check_mask(item.mask, mask, mode)
+        _check_mask(item.mask, mask, mode, image.shape[:2])
         truth = mask == 255
     return np.ascontiguousarray(image), truth
 
