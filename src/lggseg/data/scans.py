@@ -20,7 +20,7 @@ Conventions (docs/own-scans.md):
   dataset pipeline resizes (:func:`fit_slice`); probabilities go back by bilinear resize and crop
   (:func:`unfit_probabilities`). A 256 x 256 slice passes untouched.
 * **Intensities**: a volume of integers 0..255 passes unchanged; any other is mapped to 0..255 per
-  sequence by :func:`to_uint8` with the window measured on the dataset (:data:`WINDOWS`).
+  sequence by :func:`to_uint8` the way the dataset's volumes were (min -> 0, max -> 255; :data:`WINDOWS`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ FILE_TAGS = {"flair": "flair", "t1": "pre", "t1c": "post"}
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
-WINDOWS: dict[str, tuple[float, float]] = {"pre": (99.0, 181.0), "flair": (99.0, 196.0), "post": (99.0, 193.0)}
+WINDOWS: dict[str, tuple[float, float]] = {"pre": (100.0, 255.0), "flair": (100.0, 255.0), "post": (100.0, 255.0)}
 """Per sequence ``(q, value)``: a volume that is not already 0-255 integers is shifted so its minimum is
-0 and scaled so that the ``q``-th percentile of its non-zero voxels lands on ``value``, as in the dataset
-(median over its cases of that percentile of the head voxels; experiments/intensity_window.py)."""
+0 and scaled so that the ``q``-th percentile of its non-zero voxels lands on ``value``. Measured on the
+94 cases (experiments/intensity_window.md): every channel of the dataset is its volume scaled min -> 0,
+max -> 255 (remapping the cases that way gives back their stored values, median absolute error 0.00;
+q = 95..99.5 with the dataset's median p_q as target: errors 3.4-5.7 grey levels), so q = 100, value 255."""
 
 AFFINE_ATOL = 1e-3
 """Sequences whose affines differ by more than this (mm) are not on one grid."""

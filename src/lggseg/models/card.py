@@ -87,7 +87,8 @@ def card_summary_line(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None
     variant, label = _name(meta)
     seed = meta.get("seed")
     size = meta.get("image_size")
-    return (f"{label} (variant {variant}, seed {seed}, {size} px, {_inputs(meta)}); {_test_line(metrics, seed)}; "
+    seed_part = f", seed {seed}" if seed is not None else ""
+    return (f"{label} (variant {variant}{seed_part}, {size} px, {_inputs(meta)}); {_test_line(metrics, seed)}; "
             f"{_INTENDED}")
 
 
