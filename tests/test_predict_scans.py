@@ -367,3 +367,20 @@ def test_a_case_of_mixed_sizes_is_refused(tmp_path, monkeypatch, capsys):
     assert main(["--model", str(model_dir), "--input", str(case), "--output", str(tmp_path / "out")]) == 2
     assert "must share one size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_attribute_models_get_the_patients_clusters_and_each_slices_position(tmp_path, monkeypatch):
+    names = ["attr:A=1", "attr:A=2", "attr:A=missing", "attr:position"]
+    model = BrightModel()
+    model_dir = fake_model_dir(tmp_path, monkeypatch, model, names=names, image_size=256)
+    slices = np.full((5, 256, 256, 3), 40, np.uint8)
+    files, _ = write_nifti_case(slices, tmp_path / "nii", "TCGA_AA_0001_20000101", AFFINES["lps_dicom_order"])
+    (tmp_path / "data.csv").write_text("Patient,A\nTCGA_AA_0001,2\n")
+    args = ["--model", str(model_dir), "--flair", str(files["flair"]), "--output", str(tmp_path / "out"), "--batch-size", "2"]
+    assert main([*args, "--attributes", str(tmp_path / "data.csv")]) == 0
+    seen = torch.cat(model.seen).tolist()
+    assert seen == [[0, 1, 0, p] for p in (0.0, 0.25, 0.5, 0.75, 1.0)]  # slice 1 (inferior) at position 0
+    assert main(args) == 2  # the model needs the clusters: --attributes or --allow-missing-attributes
+    model.seen.clear()
+    assert main([*args, "--allow-missing-attributes"]) == 0
+    assert torch.cat(model.seen)[:, :3].tolist() == [[0, 0, 1]] * 5

@@ -271,7 +271,7 @@ def predict(
                     write_case(case)
                     case = []
                 if case and case[0][1].shape != image.shape:
-                    raise DataError(f"{item.image}: slice of {image.shape[1]}x{image.shape[0]} in a case of "
+                    raise DataError(f"{item.image}: image is {image.shape[1]}x{image.shape[0]} in a case of "
                                     f"{case[0][1].shape[1]}x{case[0][1].shape[0]} slices; a case's slices must share one size")
                 case.append((item, image, truth, unfit_probabilities(prob, fit)))
             bar.update(len(batch))

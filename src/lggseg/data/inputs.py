@@ -148,6 +148,9 @@ def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
     truth = None
     if item.mask is not None:
         mask, mode = _decode_tif(item.mask, _read(item.mask))
+        if mask.shape[:2] != image.shape[:2]:
+            raise DataError(f"{item.image}: image is {image.shape[1]}x{image.shape[0]} but its mask {item.mask.name} "
+                            f"is {mask.shape[1]}x{mask.shape[0]}")
         _check_mask(item.mask, mask, mode, image.shape[:2])
         truth = mask == 255
     return np.ascontiguousarray(image), truth
