@@ -111,3 +111,11 @@ def test_dvc_ignores_a_card_written_after_the_stage(tmp_path):
     run(sys.executable, "-m", "dvc", "repro", "-q")
     (tmp_path / "out" / CARD_FILE).write_text("card")
     assert "up to date" in run(sys.executable, "-m", "dvc", "status")
+
+
+def test_a_demo_model_says_its_data_are_synthetic():
+    metrics = {**METRICS, "provenance": {**METRICS["provenance"], "data": {**METRICS["provenance"]["data"], "source": "demo"}}}
+    text = card_text(META, metrics)
+    assert "SYNTHETIC demo data" in text and "LGG Segmentation Dataset" not in text
+    assert "on SYNTHETIC demo data; research use" in text.splitlines()[2]
+    assert "LGG Segmentation Dataset" in card_text(META, METRICS)

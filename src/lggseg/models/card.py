@@ -60,6 +60,20 @@ def _name(meta: Mapping[str, Any]) -> tuple[str, str]:
     return str(variant), str(label)
 
 
+_LGG = ("LGG Segmentation Dataset (Buda et al. 2019; Kaggle `mateuszbuda/lgg-mri-segmentation`): axial brain MRI "
+        "of lower-grade glioma patients from The Cancer Imaging Archive (TCGA-LGG, 5 institutions), FLAIR "
+        "abnormality masks drawn by hand; slices are not skull-stripped")
+
+
+def _data_line(source: Any) -> str:
+    if source == "demo":
+        return ("- SYNTHETIC demo data (`lggseg.data.synthetic`, head phantoms in the Kaggle layout), not patient data: "
+                "this model checks the pipeline; its numbers say nothing about real scans")
+    if source is None:
+        return f"- normally the {_LGG}; the evaluate stage states the source"
+    return f"- {_LGG}"
+
+
 def _inputs(meta: Mapping[str, Any]) -> str:
     cfg = meta.get("model_config") or {}
     if cfg.get("attributes") and int(meta.get("n_attributes") or 0) > 0:
@@ -88,8 +102,9 @@ def card_summary_line(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None
     seed = meta.get("seed")
     size = meta.get("image_size")
     seed_part = f", seed {seed}" if seed is not None else ""
-    return (f"{label} (variant {variant}{seed_part}, {size} px, {_inputs(meta)}); {_test_line(metrics, seed)}; "
-            f"{_INTENDED}")
+    demo = _get(metrics, "provenance", "data", "source") == "demo"
+    return (f"{label} (variant {variant}{seed_part}, {size} px, {_inputs(meta)}); {_test_line(metrics, seed)}"
+            f"{' on SYNTHETIC demo data' if demo else ''}; {_INTENDED}")
 
 
 def card_text(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None = None, weights_bytes: int | None = None) -> str:
@@ -119,11 +134,9 @@ def card_text(meta: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
         "",
         "## Training data",
         "",
-        "- LGG Segmentation Dataset (Buda et al. 2019; Kaggle `mateuszbuda/lgg-mri-segmentation`): axial brain MRI "
-        "of lower-grade glioma patients from The Cancer Imaging Archive (TCGA-LGG, 5 institutions), FLAIR "
-        "abnormality masks drawn by hand; slices are not skull-stripped",
-        f"- source: {data.get('source') or 'see metrics/fetch.json of the run'}; data fingerprint "
-        f"`{meta.get('fingerprint') or data.get('fingerprint') or 'n/a'}`",
+        _data_line(data.get("source")),
+        f"- source: {data.get('source') or 'named by the evaluate stage (metrics/fetch.json of the run)'}; data "
+        f"fingerprint `{meta.get('fingerprint') or data.get('fingerprint') or 'n/a'}`",
     ]
     splits = data.get("splits") or {}
     if splits:
