@@ -186,6 +186,7 @@ def test_real_nifti_masks_equal_the_tiff_path(real_case, name, tmp_path, capsys)
     _check_geometry(real_case, name, tmp_path, capsys)
 
 
+@pytest.mark.slow
 def test_missing_sequences_are_flair_copies_and_a_folder_of_cases(synthetic_case, tmp_path):
     """FLAIR alone = the TIFF case whose pre- and post-contrast channels are FLAIR; --input folder names the cases."""
     case, slices, model, _ = synthetic_case
