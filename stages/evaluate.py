@@ -1,6 +1,7 @@
 """Stage evaluate@<variant>: score a variant's models on the test split (paper section 4.1.2).
 
-Writes ``metrics/<variant>.json`` and ``data/eval/<variant>/{slices.csv, patients.csv, figure_slices.npz}``.
+Writes ``metrics/<variant>.json`` and ``data/eval/<variant>/{slices.csv, patients.csv, figure_slices.npz}``,
+and each model's ``MODEL_CARD.md`` again with the test metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", required=True, help="directory for slices.csv, patients.csv, figure_slices.npz")
     args = ap.parse_args(argv)
     # imported after parsing: --help and usage errors stay fast
-    from lggseg.evaluation.evaluate import evaluate_model, write_evaluation
+    from lggseg.evaluation.evaluate import evaluate_model, write_evaluation, write_model_cards
 
     # lggseg's notes (the device chosen, why a GPU is not used) on stderr; other libraries stay quiet
     logging.basicConfig(format="%(name)s: %(message)s")
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         device = load_section("common", params).device
         result = evaluate_model(args.models, args.data, cfg, post, device)
         write_evaluation(result, args.metrics, args.rows)
+        write_model_cards(args.models, result.metrics)
     except LggsegError as exc:
         print(f"evaluate@{args.variant}: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_LGG = REPO.parent / "shared" / "lgg"
+# LGGSEG_SHARED_LGG points a git worktree (whose ../shared is elsewhere) at the copy; tests only.
+SHARED_LGG = Path(os.environ.get("LGGSEG_SHARED_LGG") or REPO.parent / "shared" / "lgg")
 
 
 def shared_lgg_available() -> bool:

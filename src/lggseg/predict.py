@@ -1,12 +1,21 @@
-"""``lggseg predict``: segment new slices with a trained model (issue #5).
+"""``lggseg predict``: segment new slices (issue #5) or NIfTI volumes (issue #22) with a trained model.
 
 The input is one slice (``.tif``/``.png``), a case folder of the Kaggle layout
-(``<case>/<case>_<n>.tif`` with optional ``<case>_<n>_mask.tif``) or a folder of case folders (a
-``kaggle_3m/`` folder), read by :mod:`lggseg.data.inputs`. Case folders and files are validated by :mod:`lggseg.data.layout` exactly as
-for training: slice numbers 1..n without gaps, 256x256 RGB uint8 slices (grayscale and RGBA slices
+(``<case>/<case>_<n>.tif`` or ``.png``, with optional ``<case>_<n>_mask.tif``) or a folder of case folders (a
+``kaggle_3m/`` folder), read by :mod:`lggseg.data.inputs`. Case folders and files are validated by :mod:`lggseg.data.layout` as
+for training: slice numbers 1..n without gaps, RGB uint8 slices (grayscale and RGBA slices
 are refused, not converted, because the three channels are three MRI sequences), masks with values
 {0, 255}, every mask with its image. A case may have no masks at all (new data); then no Dice is
-reported.
+reported. A slice of another size than 256 x 256 is zero-padded to a centred square and resized to
+256 x 256, and its probabilities go back the same way (:func:`lggseg.data.scans.fit_slice`).
+
+NIfTI volumes (:func:`predict_scans`; ``--flair F [--pre T1] [--post T1C]`` or ``--input`` with
+``<case>_{flair,t1,t1c}.nii.gz`` files) are cut into such slices by :mod:`lggseg.data.scans`
+(reoriented to RAS, axial, a missing sequence replaced by FLAIR) and the mask is put back on the
+input's grid: ``<case>_seg.nii.gz`` (uint8 0/1, the FLAIR file's header with its qform and sform),
+``<case>_prob.nii.gz`` with ``--probabilities``, ``<case>_overlay.png`` (a montage of FLAIR slices with
+the predicted contour) and ``cases.csv`` with the tumour volume in mL (voxels x the header's voxel
+size). Conventions: docs/own-scans.md.
 
 Preprocessing and inference are those of the evaluate stage (paper section 4.1.2): the slice is
 resized to the model's ``image_size`` (:func:`lggseg.data.dataset.resize_pair`, area averaging),
@@ -53,6 +62,8 @@ from tqdm.auto import tqdm
 
 from lggseg.config import ConfigError
 from lggseg.data.inputs import AttributeLookup, SliceInput, read_slice, resolve_inputs, visible_entries
+from lggseg.data.layout import RAW_SIZE
+from lggseg.data.scans import fit_slice, unfit_probabilities
 from lggseg.errors import DataError, LggsegError, ModelError
 from lggseg.inference import infer_probabilities, preprocess, resolve_model_dir, uses_attributes
 from lggseg.io import OutputError, atomic_dir
@@ -117,6 +128,16 @@ def _check_output(out_dir: Path) -> None:
             )
 
 
+def _load(model_path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model, announced by its card's one-line summary (what it is, what it scored, what it is for)."""
+    from lggseg.models import load_model
+    from lggseg.models.card import card_summary
+
+    model, meta = load_model(model_path, device)
+    print(f"lggseg predict: model {model_path}: {card_summary(model_path, meta)}", file=sys.stderr)
+    return model, meta
+
+
 def _batches(items: list[SliceInput], size: int) -> Iterator[list[SliceInput]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -152,6 +173,9 @@ class _Staging:
     def csv(self, rel: str, frame: pd.DataFrame) -> None:
         self._write(rel, lambda path: frame.to_csv(path, index=False))
 
+    def nifti(self, rel: str, image: Any) -> None:
+        self._write(rel, lambda path: image.to_filename(str(path)))
+
     def json(self, rel: str, obj: Any) -> None:
         self._write(rel, lambda path: path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
 
@@ -171,7 +195,7 @@ def predict(
     from lggseg.config import PostprocessConfig
     from lggseg.evaluation.postprocess import enabled as postprocess_enabled
     from lggseg.evaluation.postprocess import postprocess_case
-    from lggseg.models import load_model, read_meta
+    from lggseg.models import read_meta
     from lggseg.reporting.plotting import overlay
     from lggseg.runtime import resolve_device
 
@@ -204,7 +228,7 @@ def predict(
                 print(f"lggseg predict: warning: no attributes for {patient or case}; using the 'missing' category",
                       file=sys.stderr)
 
-    model, meta = load_model(model_path, device)
+    model, meta = _load(model_path, device)
     image_size = int(meta["image_size"])
     rows: list[dict[str, Any]] = []
     with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=2) as pool:
@@ -233,19 +257,23 @@ def predict(
             # Decode the next batch while this one runs through the network.
             if k + 1 < len(batches):
                 pending = pool.submit(_read_batch, batches[k + 1])
-            images = [img for img, _ in current]
-            x = torch.from_numpy(np.stack([preprocess(img, image_size) for img in images])).to(device)
+            # Any slice size: padded to a square and resized to the dataset's 256 x 256 (identity for those).
+            fitted = [fit_slice(img) for img, _ in current]
+            x = torch.from_numpy(np.stack([preprocess(img, image_size) for img, _ in fitted])).to(device)
             a = None
             if lookup is not None:
                 a = np.stack([lookup.slice_vector(vectors[(s.case_id, s.patient_id)][0], s) for s in batch])
                 a = torch.from_numpy(a).to(device)
-            probs = infer_probabilities(model, x, a, out_size=images[0].shape[:2], tta=opts.tta).cpu().numpy()
-            for item, (image, truth), prob in zip(batch, current, probs, strict=True):
+            probs = infer_probabilities(model, x, a, out_size=(RAW_SIZE, RAW_SIZE), tta=opts.tta).cpu().numpy()
+            for item, (image, truth), prob, (_, fit) in zip(batch, current, probs, fitted, strict=True):
                 # A case is written once all its slices are in: --largest-3d looks at the whole case.
                 if case and case[0][0].case_id != item.case_id:
                     write_case(case)
                     case = []
-                case.append((item, image, truth, prob))
+                if case and case[0][1].shape != image.shape:
+                    raise DataError(f"{item.image}: image is {image.shape[1]}x{image.shape[0]} in a case of "
+                                    f"{case[0][1].shape[1]}x{case[0][1].shape[0]} slices; a case's slices must share one size")
+                case.append((item, image, truth, unfit_probabilities(prob, fit)))
             bar.update(len(batch))
         if case:
             write_case(case)
@@ -329,17 +357,201 @@ def _case_table(slices: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+# --------------------------------------------------------------------------- NIfTI volumes
+
+
+def _attribute_lookup(meta: dict[str, Any], model_path: Path, attributes: str | Path | None,
+                      opts: PredictOptions) -> AttributeLookup | None:
+    if not uses_attributes(meta):
+        return None
+    names = list(meta.get("attribute_names") or [])
+    if len(names) != int(meta["n_attributes"]):
+        raise ModelError(f"{model_path}: model.json lists {len(names)} attribute names for n_attributes={meta['n_attributes']}")
+    source = Path(attributes) if attributes is not None else None
+    if source is not None and not source.is_file():
+        raise DataError(f"{source}: attributes file not found")
+    return AttributeLookup(names, source, opts.allow_missing_attributes, model_path)
+
+
+def _patient_of(case_id: str) -> str:
+    from lggseg.data.layout import CASE_RE
+
+    m = CASE_RE.match(case_id)
+    return m.group(1) if m else case_id
+
+
+def _nifti_like(data: np.ndarray, ref: Any, dtype: type, description: str) -> Any:
+    """``data`` on ``ref``'s grid with ``ref``'s header: its qform and sform (and codes) kept as they are."""
+    out = type(ref)(np.asarray(data, dtype=dtype), None, header=ref.header)
+    out.set_data_dtype(dtype)
+    out.header.set_slope_inter(1, 0)
+    out.header["cal_min"], out.header["cal_max"] = 0, 1
+    out.header["descrip"] = description.encode()[:79]
+    return out
+
+
+MONTAGE_TILES = 6
+MONTAGE_TILE_PX = 192
+
+
+def montage(flair: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Up to six FLAIR slices (K, rows, cols) with the predicted contour, 3 per row: the tumour's extent or the middle."""
+    from lggseg.reporting.plotting import overlay
+
+    k = flair.shape[0]
+    has = np.flatnonzero(pred.reshape(k, -1).any(axis=1))
+    lo, hi = (has[0], has[-1]) if has.size else (int(0.2 * (k - 1)), int(0.8 * (k - 1)))
+    picks = sorted({int(round(v)) for v in np.linspace(lo, hi, min(MONTAGE_TILES, hi - lo + 1))})
+    thickness = max(1, max(flair.shape[1:]) // 256)
+    tiles = []
+    for i in picks:
+        tile = Image.fromarray(overlay(flair[i], None, pred[i], thickness))
+        scale = MONTAGE_TILE_PX / max(tile.size)
+        tiles.append(np.asarray(tile.resize((max(1, round(tile.size[0] * scale)), max(1, round(tile.size[1] * scale))),
+                                            Image.Resampling.BILINEAR)))
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    cols = min(3, len(tiles))
+    rows_n = -(-len(tiles) // cols)
+    sheet = np.zeros((rows_n * h, cols * w, 3), np.uint8)
+    for n, t in enumerate(tiles):
+        r, c = divmod(n, cols)
+        sheet[r * h : r * h + t.shape[0], c * w : c * w + t.shape[1]] = t
+    return sheet
+
+
+def predict_scans(
+    model_dir: str | Path,
+    cases: list[Any],
+    out_dir: str | Path,
+    attributes: str | Path | None = None,
+    options: PredictOptions | None = None,
+    probabilities: bool = False,
+) -> pd.DataFrame:
+    """Segment each case's NIfTI volumes (:class:`lggseg.data.scans.ScanCase`) and write the masks on their grids.
+
+    Every case's files are opened and checked (readable 3-D NIfTI, sequences on one grid) before the
+    model is loaded or anything is written; ``out_dir`` is built in a temporary folder and renamed
+    into place at the end. Returns ``cases.csv``'s table.
+    """
+    from lggseg.config import PostprocessConfig
+    from lggseg.data import scans
+    from lggseg.evaluation.postprocess import enabled as postprocess_enabled
+    from lggseg.evaluation.postprocess import postprocess_case
+    from lggseg.models import read_meta
+    from lggseg.runtime import resolve_device
+
+    opts = options or PredictOptions()
+    out_dir = Path(out_dir)
+    device = resolve_device(opts.device)
+    model_path = resolve_model_dir(model_dir, opts.seed)
+    meta = read_meta(model_path)
+    if len({c.case_id for c in cases}) != len(cases):
+        raise DataError("two cases have the same name; outputs are named <case>_seg.nii.gz")
+    headers = [scans.check_case(c) for c in cases]
+    _check_output(out_dir)
+    lookup = _attribute_lookup(meta, model_path, attributes, opts)
+    vectors = {}
+    if lookup is not None:
+        for c in cases:
+            vectors[c.case_id], found = lookup.patient_vector(_patient_of(c.case_id), c.case_id)
+            if not found:
+                print(f"lggseg predict: warning: no attributes for {c.case_id}; using the 'missing' category", file=sys.stderr)
+
+    model, meta = _load(model_path, device)
+    image_size = int(meta["image_size"])
+    post = PostprocessConfig(min_area=opts.min_area, connectivity=opts.connectivity, largest_3d=opts.largest_3d)
+    rows: list[dict[str, Any]] = []
+    with atomic_dir(out_dir) as tmp:
+        stage = _Staging(tmp, out_dir)
+        for case, imgs in tqdm(list(zip(cases, headers, strict=True)), desc="predict", unit="case"):
+            ref = imgs["flair"]
+            ornt = scans.orientation(ref.affine)
+            channel: dict[str, np.ndarray] = {}
+            how: dict[str, str] = {}
+            for seq in imgs:
+                channel[seq], how[seq] = scans.to_uint8(scans.read_data(imgs[seq], case.files[seq]), seq)
+            # A sequence not acquired is a copy of FLAIR, as the dataset stores it.
+            volume = np.stack([channel.get(seq, channel["flair"]) for seq in scans.SEQUENCES], axis=-1)
+            slices = scans.volume_to_slices(volume, ornt)
+            n = len(slices)
+            prob = np.empty(slices.shape[:3], dtype=np.float32)
+            for start in range(0, n, opts.batch_size):
+                fitted = [scans.fit_slice(im) for im in slices[start : start + opts.batch_size]]
+                x = torch.from_numpy(np.stack([preprocess(im, image_size) for im, _ in fitted])).to(device)
+                a = None
+                if lookup is not None:
+                    items = [SliceInput(case.case_id, _patient_of(case.case_id), k + 1, n, case.files["flair"], None, "")
+                             for k in range(start, start + len(fitted))]
+                    a = torch.from_numpy(np.stack([lookup.slice_vector(vectors[case.case_id], it) for it in items])).to(device)
+                p = infer_probabilities(model, x, a, out_size=(RAW_SIZE, RAW_SIZE), tta=opts.tta).cpu().numpy()
+                prob[start : start + len(fitted)] = scans.unfit_probabilities(p, fitted[0][1])
+            pred = prob > opts.threshold
+            if postprocess_enabled(post):
+                pred = postprocess_case(pred, post)
+            seg = scans.slices_to_volume(pred.astype(np.uint8), ornt)
+            zooms = [float(z) for z in ref.header.get_zooms()[:3]]
+            voxels = int(seg.sum())
+            base = case.case_id
+            stage.nifti(f"{base}_seg.nii.gz", _nifti_like(seg, ref, np.uint8, "lggseg tumour mask (0/1)"))
+            if probabilities:
+                stage.nifti(f"{base}_prob.nii.gz",
+                            _nifti_like(scans.slices_to_volume(prob, ornt), ref, np.float32, "lggseg tumour probability"))
+            stage.png(f"{base}_overlay.png", montage(slices[..., 1], pred))
+            rows.append({
+                "case_id": case.case_id,
+                **{f"{seq}_file": str(case.files[seq]) if seq in case.files else "(FLAIR copy)" for seq in scans.SEQUENCES},
+                "shape": "x".join(str(d) for d in seg.shape),
+                "voxel_mm": "x".join(f"{z:g}" for z in zooms),
+                "orientation": "".join(ornt.axcodes),
+                "n_axial_slices": n,
+                "slice_px": f"{slices.shape[2]}x{slices.shape[1]}",
+                **{f"intensity_{seq}": how.get(seq, "(FLAIR copy)") for seq in scans.SEQUENCES},
+                "volume_voxels": voxels,
+                "volume_ml": voxels * float(np.prod(zooms)) / 1000.0,
+                "seg": f"{base}_seg.nii.gz",
+            })
+        table = pd.DataFrame(rows)
+        stage.csv(CASES_FILE, table)
+        stage.json(INFO_FILE, {
+            "model_dir": str(model_path),
+            "input_kind": "nifti",
+            "cases": [c.case_id for c in cases],
+            "uses_attributes": lookup is not None,
+            "attributes": str(attributes) if (lookup is not None and attributes is not None) else None,
+            "image_size": image_size,
+            "threshold": opts.threshold,
+            "tta": opts.tta,
+            "postprocess_min_area": opts.min_area,
+            "postprocess_largest_3d": opts.largest_3d,
+            "probabilities": probabilities,
+            "device": device.type,
+            "geometry": "reoriented to RAS (closest axes), axial slices shown rows A->P, columns R->L, slice 1 inferior; "
+                        "centred zero pad to a square and resize to 256 in-plane only; inverted exactly on output",
+            "mask_header": "the FLAIR file's header, qform and sform kept",
+        })
+    return table
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def build_parser(prog: str = "lggseg predict") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog,
-        description="Segment MRI slices with a trained lggseg model: binary mask, probability map, overlay "
-        "and a summary.csv of tumour areas, case volumes and Dice (where a mask sits beside the slice).",
+        description="Segment MRI slices or NIfTI volumes with a trained lggseg model: binary mask, probability map, "
+        "overlay and a summary of tumour areas, case volumes and Dice (where a mask sits beside the slice). "
+        "NIfTI: --flair F.nii.gz [--pre T1.nii.gz] [--post T1C.nii.gz], or --input with <case>_flair/_t1/_t1c.nii.gz "
+        "files; the mask <case>_seg.nii.gz lies on the FLAIR grid (docs/own-scans.md).",
     )
     ap.add_argument("--model", required=True, type=Path, help="model dir (model.json + model.safetensors) or models/<variant>")
-    ap.add_argument("--input", required=True, type=Path, help="a slice (.tif/.png), a case folder or a folder of case folders")
+    ap.add_argument("--input", type=Path,
+                    help="a slice (.tif/.png), a case folder, a folder of case folders, a <case>_flair.nii.gz file or a "
+                    "folder of <case>_{flair,t1,t1c}.nii.gz files")
+    ap.add_argument("--flair", type=Path, help="one patient's FLAIR NIfTI volume (instead of --input)")
+    ap.add_argument("--pre", type=Path, help="with --flair: the pre-contrast T1 volume on the same grid (default: FLAIR copy)")
+    ap.add_argument("--post", type=Path, help="with --flair: the post-contrast T1 volume on the same grid (default: FLAIR copy)")
+    ap.add_argument("--probabilities", action="store_true", help="NIfTI input: also write <case>_prob.nii.gz (float32)")
     ap.add_argument("--output", required=True, type=Path, help="output folder (created or replaced whole at the end)")
     ap.add_argument("--attributes", type=Path, help="data.csv-shaped file with the genomic clusters (default: the input's data.csv)")
     ap.add_argument("--allow-missing-attributes", action="store_true", help="use the 'missing' category for patients without a row")
@@ -352,6 +564,30 @@ def build_parser(prog: str = "lggseg predict") -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--seed", type=int, help="which seed_<s>/ of a models/<variant> folder holding several")
     return ap
+
+
+def _scan_cases(args: argparse.Namespace) -> list[Any] | None:
+    """The NIfTI cases the arguments name, or ``None`` for slice input (TIFF/PNG)."""
+    from lggseg.data.scans import case_from_files, find_cases, is_nifti
+
+    if args.flair is not None:
+        if args.input is not None:
+            raise ConfigError("give --input or --flair, not both")
+        return [case_from_files(args.flair, args.pre, args.post)]
+    if args.pre is not None or args.post is not None:
+        raise ConfigError("--pre and --post need --flair")
+    if args.input is None:
+        raise ConfigError("give --input (slices, case folders or NIfTI files) or --flair")
+    path = Path(args.input)
+    if path.is_file() and is_nifti(path):
+        return find_cases(path)
+    if path.is_dir() and any(is_nifti(p) for p in visible_entries(path)):
+        return find_cases(path)
+    if path.is_file() and path.name.lower().endswith((".nii.gz", ".gz", ".nii", ".mgz", ".mha", ".nrrd", ".dcm")):
+        raise DataError(f"{path}: not a NIfTI volume or a slice image (.nii/.nii.gz or .tif/.png expected)")
+    if args.probabilities:
+        raise ConfigError("--probabilities is for NIfTI input; slices always get <slice>_prob.png")
+    return None
 
 
 def main(argv: list[str] | None = None, prog: str = "lggseg predict") -> int:
@@ -367,13 +603,21 @@ def main(argv: list[str] | None = None, prog: str = "lggseg predict") -> int:
             largest_3d=args.largest_3d,
             device=args.device, seed=args.seed, allow_missing_attributes=args.allow_missing_attributes,
         )
-        slices = predict(args.model, args.input, args.output, args.attributes, opts)
+        cases = _scan_cases(args)
+        if cases is not None:
+            table = predict_scans(args.model, cases, args.output, args.attributes, opts, args.probabilities)
+        else:
+            slices = predict(args.model, args.input, args.output, args.attributes, opts)
     except LggsegError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {args.output} left as it was", file=sys.stderr)
         return 130
+    if cases is not None:
+        volumes = ", ".join(f"{r.case_id} {r.volume_ml:.1f} mL" for r in table.itertuples())
+        print(f"{prog}: {len(table)} case(s) -> {args.output} (tumour volume: {volumes})")
+        return 0
     dice = slices["dice"].dropna().astype(float)
     msg = f"{prog}: {len(slices)} slices -> {args.output}"
     if len(dice):

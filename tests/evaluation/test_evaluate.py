@@ -347,6 +347,9 @@ def test_stage_on_a_demo_store_with_a_saved_model(tmp_path):
     m = load_metrics(tmp_path / "metrics" / "v.json")
     n_test = len(store.indices("test"))
     assert m["seeds"] == [3, 4] and m["n_test_slices"] == n_test and set(m["per_seed"]) == {"3", "4"}
+    for seed in (3, 4):  # each model's card now carries its own test numbers (lggseg.models.card)
+        card = (tmp_path / "models" / f"seed_{seed}" / "MODEL_CARD.md").read_text()
+        assert f"numbers of seed {seed}" in card and "Not evaluated yet" not in card
     slices = pd.read_csv(tmp_path / "eval" / "slices.csv")
     assert len(slices) == 2 * 2 * n_test
     with np.load(tmp_path / "eval" / "figure_slices.npz") as z:

@@ -330,7 +330,7 @@ def test_save_load_round_trip(tmp_path, arch: str, encoder: str, attributes: boo
     save_model(
         torch.compile(model) if arch == "unet" else model, tmp_path / "m", _meta()
     )  # compiled: unwrapped
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {WEIGHTS_FILE, META_FILE}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {WEIGHTS_FILE, META_FILE, "MODEL_CARD.md"}
 
     loaded, meta = load_model(tmp_path / "m")
     assert not loaded.training

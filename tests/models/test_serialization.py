@@ -162,7 +162,7 @@ def test_bad_model_dirs(capsys, raw, attr_model, tmp_path, kind):
 
 
 def test_model_weights_are_safetensors(attr_model):
-    assert sorted(p.name for p in attr_model.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in attr_model.iterdir()) == ["MODEL_CARD.md", "model.json", "model.safetensors"]
     load_file(str(attr_model / "model.safetensors"))  # a safetensors file, not a pickle
 
 

@@ -115,7 +115,7 @@ def resolve_inputs(path: str | Path) -> Inputs:
             raise DataError(f"{path}: this is a mask; give the slice image (the mask beside it is used as truth)")
         case = path.parent
         m = _NUMBERED.match(path.stem)
-        if m and m.group(1) == case.name and CASE_RE.match(case.name) and path.suffix == ".tif":
+        if m and m.group(1) == case.name and CASE_RE.match(case.name) and path.suffix in (".tif", ".png"):
             # A slice of a case folder: validate the case and take the slice's number and position from it.
             chosen = [s for s in _case_slices(case, "") if s.image.name == path.name]
             return Inputs("slice", chosen, _existing(case.parent / "data.csv"))
@@ -140,15 +140,19 @@ def _existing(path: Path) -> Path | None:
 
 
 def read_slice(item: SliceInput) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode and validate a slice and its mask (if any) with the manifest's checks: ``(uint8 HxWx3, bool HxW | None)``."""
+    """Decode and validate a slice and its mask (if any) with the manifest's checks, any size (predict resizes):
+    ``(uint8 HxWx3, bool HxW | None)``."""
     from lggseg.data.layout import check_image, check_mask, decode_tif, read_file
 
     image, mode = decode_tif(item.image, read_file(item.image))
-    check_image(item.image, image, mode)
+    check_image(item.image, image, mode, any_size=True)
     truth = None
     if item.mask is not None:
         mask, mode = decode_tif(item.mask, read_file(item.mask))
-        check_mask(item.mask, mask, mode)
+        if mask.shape[:2] != image.shape[:2]:
+            raise DataError(f"{item.image}: image is {image.shape[1]}x{image.shape[0]} but its mask {item.mask.name} "
+                            f"is {mask.shape[1]}x{mask.shape[0]}")
+        check_mask(item.mask, mask, mode, image.shape[:2])
         truth = mask == 255
     return np.ascontiguousarray(image), truth
 

@@ -58,8 +58,9 @@ def scan_raw_dir(raw_dir: str | Path) -> list[SliceRef]:
 
 def scan_case(case: Path, patient: str, require_masks: bool = True) -> list[SliceRef]:
     """Slices of one case folder. ``require_masks=False`` (``lggseg predict``) also accepts a case
-    with no mask at all (``mask_path`` is then ""); a case with some masks must still have all."""
-    pattern = re.compile(rf"^{re.escape(case.name)}_([1-9][0-9]*)(_mask)?\.tif$")
+    with no mask at all (``mask_path`` is then ""), and PNG slices; a case with some masks must still have all."""
+    ext = r"\.tif" if require_masks else r"\.(?:tif|png)"
+    pattern = re.compile(rf"^{re.escape(case.name)}_([1-9][0-9]*)(_mask)?{ext}$")
     images: dict[int, str] = {}
     masks: dict[int, str] = {}
     for f in sorted(case.iterdir()):
@@ -68,7 +69,10 @@ def scan_case(case: Path, patient: str, require_masks: bool = True) -> list[Slic
         m = pattern.match(f.name)
         if not m or not f.is_file():
             raise DataError(f"{f}: unexpected entry in a case folder (expected {case.name}_<n>.tif and {case.name}_<n>_mask.tif)")
-        (masks if m.group(2) else images)[int(m.group(1))] = f.name
+        found = masks if m.group(2) else images
+        if int(m.group(1)) in found:
+            raise DataError(f"{f}: slice {m.group(1)} is there twice ({found[int(m.group(1))]} and {f.name})")
+        found[int(m.group(1))] = f.name
     if (lonely := sorted(set(images) - set(masks))) and (require_masks or masks):
         k = lonely[0]
         raise DataError(f"{case / images[k]}: image without mask ({case.name}_{k}_mask.tif is missing)")
@@ -113,9 +117,12 @@ def read_file(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def check_image(path: Path, arr: np.ndarray, mode: str) -> None:
-    """Raise ``DataError`` unless ``arr`` is a 256x256 RGB uint8 slice (grayscale and RGBA are refused)."""
-    want = f"expected {RAW_SIZE}x{RAW_SIZE} RGB uint8 (pre-contrast, FLAIR, post-contrast)"
+def check_image(path: Path, arr: np.ndarray, mode: str, any_size: bool = False) -> None:
+    """Raise ``DataError`` unless ``arr`` is a 256x256 RGB uint8 slice (grayscale and RGBA are refused).
+
+    ``any_size`` (``lggseg predict``, which resizes slices in and back out): any size from 16 x 16 up.
+    """
+    want = f"expected {'HxW' if any_size else f'{RAW_SIZE}x{RAW_SIZE}'} RGB uint8 (pre-contrast, FLAIR, post-contrast)"
     channels = 1 if arr.ndim == 2 else arr.shape[-1]
     if arr.ndim == 2 or channels == 1:
         raise DataError(f"{path}: image is single-channel (mode {mode}); {want}; grayscale images are refused, not replicated")
@@ -123,18 +130,21 @@ def check_image(path: Path, arr: np.ndarray, mode: str) -> None:
         raise DataError(f"{path}: image has {channels} channels (mode {mode}); {want}; RGBA and others are refused")
     if arr.dtype != np.uint8:
         raise DataError(f"{path}: image has dtype {arr.dtype} (mode {mode}); {want}")
-    if arr.shape[:2] != (RAW_SIZE, RAW_SIZE):
+    if (min(arr.shape[:2]) < 16) if any_size else (arr.shape[:2] != (RAW_SIZE, RAW_SIZE)):
         raise DataError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]}; {want}")
 
 
-def check_mask(path: Path, arr: np.ndarray, mode: str) -> None:
-    """Raise ``DataError`` unless ``arr`` is a 256x256 single-channel uint8 mask of 0 and 255."""
-    want = f"expected a {RAW_SIZE}x{RAW_SIZE} single-channel uint8 mask with values 0 and 255"
+def check_mask(path: Path, arr: np.ndarray, mode: str, shape: tuple[int, int] = (RAW_SIZE, RAW_SIZE)) -> None:
+    """Raise ``DataError`` unless ``arr`` is a single-channel uint8 mask of 0 and 255 of ``shape``.
+
+    ``shape``: that of its image (``RAW_SIZE`` square in the training layout).
+    """
+    want = f"expected a {shape[1]}x{shape[0]} single-channel uint8 mask with values 0 and 255"
     if arr.ndim != 2:
         raise DataError(f"{path}: mask has shape {arr.shape} (mode {mode}); {want}")
     if arr.dtype != np.uint8:
         raise DataError(f"{path}: mask has dtype {arr.dtype} (mode {mode}); {want}")
-    if arr.shape != (RAW_SIZE, RAW_SIZE):
+    if arr.shape != tuple(shape):
         raise DataError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}; {want}")
     bad = np.unique(arr[(arr != 0) & (arr != 255)])
     if bad.size:

@@ -384,6 +384,14 @@ def write_figure_slices(dest: str | Path, figures: Mapping[str, np.ndarray]) -> 
     return Path(dest)
 
 
+def write_model_cards(models_dir: str | Path, metrics: Mapping[str, Any]) -> list[Path]:
+    """Each seed's ``MODEL_CARD.md`` written again, now with the test metrics (:mod:`lggseg.models.card`)."""
+    from lggseg.models import read_meta
+    from lggseg.models.card import write_card
+
+    return [write_card(d, read_meta(d), metrics) for d in find_model_dirs(models_dir).values()]
+
+
 def write_evaluation(result: Evaluation, metrics_path: str | Path, rows_dir: str | Path) -> None:
     """``metrics_path`` (JSON, no NaN) and ``rows_dir/{slices.csv, patients.csv, figure_slices.npz}``."""
     with atomic_dir(rows_dir) as tmp:

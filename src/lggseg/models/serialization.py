@@ -1,6 +1,7 @@
-"""A trained network on disk: ``model.safetensors`` + ``model.json``, the one place of that schema.
+"""A trained network on disk: ``model.safetensors`` + ``model.json`` (+ ``MODEL_CARD.md``), the one place of that schema.
 
-:func:`save_model` writes both (each atomically) with what rebuilding needs (``format``, ``arch``,
+:func:`save_model` writes the first two (each atomically) and the model card made from the metadata
+(:mod:`lggseg.models.card`), with what rebuilding needs (``format``, ``arch``,
 ``encoder``, ``model_config``, ``n_attributes``, ``image_size``, ``n_parameters``; the middle three
 are the :class:`~lggseg.models.record.BuildRecord` the network carries) beside the caller's meta;
 :func:`load_model` rebuilds the network through :func:`lggseg.models.registry.build_model` and
@@ -23,6 +24,7 @@ from torch import nn
 from lggseg.config import ConfigError, ModelConfig, from_dict
 from lggseg.errors import ModelError
 from lggseg.io import OutputError, atomic_path, write_json
+from lggseg.models.card import write_card
 from lggseg.models.encoders import summarise_keys
 from lggseg.models.record import RecordedNetwork
 from lggseg.models.registry import build_model
@@ -38,7 +40,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` into ``out_dir`` (each atomically); returns ``out_dir``.
+    """Write ``model.safetensors`` + ``model.json`` + ``MODEL_CARD.md`` into ``out_dir`` (each atomically); returns ``out_dir``.
 
     ``meta`` is stored as given (run config, attribute names, scores, ...) plus what rebuilding
     needs: ``format``, ``arch``, ``encoder``, the network's own build record (``model_config``,
@@ -88,6 +90,8 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -
         with atomic_path(out_dir / WEIGHTS_FILE, suffix=".safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "lggseg": FORMAT})
         write_json(out_dir / META_FILE, record)
+        # Without test metrics yet: the evaluate stage writes the card again once they exist.
+        write_card(out_dir, record)
     except OutputError as exc:
         raise ModelError(str(exc)) from exc
     return out_dir
