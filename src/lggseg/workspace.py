@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Any
 
 import yaml
 
-from lggseg import warm
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
 from lggseg.errors import LggsegError
 from lggseg.evaluation.metrics import HEADLINE_KEYS
@@ -165,11 +163,7 @@ def _repro(ws: Path, targets: Sequence[str], tag: str, what: str) -> int:
     """``dvc repro [targets]`` in ``ws``; returns its exit status (a failure is reported on stderr)."""
     command = " ".join(["dvc repro", *targets])
     print(f"[{tag}] running `{command}` in {ws} ({what})", flush=True)
-    env = _env()
-    with tempfile.TemporaryDirectory(prefix="lggseg-warm-") as tmp, warm.server(Path(tmp) / "s.sock", env=env) as offer:
-        # torch, timm and smp imported once for all stages instead of ~8 s in each process (lggseg.warm)
-        print(f"[{tag}] warm start: {'on' if offer else 'unavailable, every stage imports its libraries'}", flush=True)
-        rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env={**env, **offer}).returncode
+    rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
     if rc != 0:
         print(f"[{tag}] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
     return rc
