@@ -205,7 +205,8 @@ def summary_lines(ws: Path) -> list[str]:
 def _env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Spinning OpenMP workers make 2-thread CPU training several times slower whenever anything else
-    # runs on the cores (measured by the benchmark); passive waiting costs nothing on a quiet machine.
+    # runs on the cores (earlier benchmark runs: `training.with_loader` in metrics/bench.json); passive
+    # waiting costs nothing on a quiet machine.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
