@@ -1,15 +1,13 @@
 """``lggseg bench`` and the ``bench`` stage: the figures of the README's "Performance" section, measured on
-the device present and merged into ``metrics/bench.json`` under one key per device (``cpu-amd-epyc``,
-``cuda-nvidia-h200``, ...), so that machines accumulate side by side.
+the device present and merged into ``metrics/bench.json`` under one key per device, so machines accumulate.
 
-Measured with the configured network and the full eq. 13 loss, random weights (speed does not depend on
-them), on one augmented batch of the store (:mod:`lggseg.bench.measure` says how it times): the training
-step (:func:`lggseg.training.step.train_step`, the one training runs) under our set-up against a plain
-float32 loop and channels_last / bf16 alone; each loss term's share of that step and the outlier terms at
-``j`` = 21/41/81; the DataLoader's rate against the step's; ``lggseg predict``'s inference with and without
-TTA; unless ``--no-paths``, the step fed by the DataLoader path against the device-resident path at 64 and
-256 px, and two variants trained in turns in one process against one after another. The demo's wall time
-is an input (``--demo-seconds`` or the file ``make demo`` writes), recorded with its source.
+The configured network with the full eq. 13 loss and random weights, on one augmented batch: the training
+step (the one training runs) under our set-up against a plain float32 loop and channels_last / bf16 alone;
+each loss term's share of it and the outlier terms at j = 21/41/81; the DataLoader's rate against the
+step's; ``lggseg predict`` with and without TTA; unless ``--no-paths``, the step fed by the DataLoader path
+against the device-resident path at 64 and 256 px, and two variants trained in turns in one process
+against one after another (:mod:`lggseg.bench.measure` says how each is timed). The demo's wall time is
+an input (``--demo-seconds`` or the file ``make demo`` writes), recorded with its source.
 """
 
 from __future__ import annotations
