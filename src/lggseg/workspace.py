@@ -7,6 +7,8 @@ real pipeline are never written. Inside ``demo/`` the usual DVC workflow works, 
 
     cd demo && dvc exp run -S loss.gamma=0.5 && dvc metrics diff && dvc exp show
 
+Comparisons of several settings are queued experiments (docs/experiments.md).
+
 A second ``make demo`` re-syncs changed project files and lets DVC skip what is up to date.
 ``--prepare-only`` builds the workspace without running it, for other profiles such as
 ``params.cpu.yaml`` where one runs chosen targets (``dvc repro evaluate@<variant>``).
