@@ -24,7 +24,7 @@ laptop: install
 		--set fetch.source=$(abspath $(DATA)) --targets evaluate@laptop
 
 test: install
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests experiments
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
@@ -32,7 +32,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests experiments
 	$(BIN)/lint-imports
 
 repro: install

@@ -12,11 +12,9 @@ import sys
 
 from lggseg.config import load_section, read_params
 from lggseg.errors import LggsegError
-from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
-    delegate(__file__)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--variant", required=True)
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         params = read_params(args.params)
         cfg, post = load_section("evaluate", params), load_section("postprocess", params)
         device = load_section("common", params).device
-        result = evaluate_model(args.models, args.data, cfg, post, device)
+        result = evaluate_model(args.models, args.data, cfg, post, device, split=cfg.split)
         write_evaluation(result, args.metrics, args.rows)
         write_model_cards(args.models, result.metrics)
     except LggsegError as exc:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = result.metrics
     print(f"evaluate@{args.variant}: Dice slice mean {m['dice_slice_mean']}, patient 3D {m['dice_patient_3d']} "
-          f"({m['n_test_slices']} test slices, {m['n_test_patients']} patients, seeds {m['seeds']})")
+          f"({m['n_test_slices']} {cfg.split} slices, {m['n_test_patients']} patients, seeds {m['seeds']})")
     return 0
 
 

@@ -10,11 +10,9 @@ import sys
 
 from lggseg.config import load_section
 from lggseg.errors import LggsegError
-from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
-    delegate(__file__)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--plot", required=True, help="PNG: Figure 9 input and outlier map")

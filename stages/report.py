@@ -7,11 +7,9 @@ import sys
 
 from lggseg.config import read_params
 from lggseg.errors import LggsegError
-from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
-    delegate(__file__)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics", help="folder holding <variant>.json, fetch.json, data.json")

@@ -13,11 +13,9 @@ from pathlib import Path
 
 from lggseg.config import ConfigError, load_run_config
 from lggseg.errors import LggsegError
-from lggseg.warm import delegate
 
 
 def main(argv: list[str] | None = None) -> int:
-    delegate(__file__)  # run in a warm process with torch already imported, if one is offered (lggseg.warm)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True)
     ap.add_argument("--config", type=Path, required=True, help="configs/<variant>.yaml written by the configure stage")

@@ -2,8 +2,8 @@
 
 For every stage whose command runs ``stages/<name>.py``, the lggseg modules the script imports, and
 everything those import in turn (grimp's graph, function-level imports included), must lie in a file
-or folder the stage lists under ``deps``. Left out on purpose: :mod:`lggseg.errors`, :mod:`lggseg.io`
-and :mod:`lggseg.warm` (messages, atomic writing and warm starts cannot change a result), and for
+or folder the stage lists under ``deps``. Left out on purpose: :mod:`lggseg.errors` and :mod:`lggseg.io`
+(messages and atomic writing cannot change a result), and for
 ``train@`` the :mod:`lggseg.config` package (the run's settings reach training as
 ``configs/<variant>.yaml``, which the ``configure`` stage, depending on ``src/lggseg/config``, writes).
 """
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-EXEMPT = ("lggseg.errors", "lggseg.io", "lggseg.warm")
+EXEMPT = ("lggseg.errors", "lggseg.io")
 EXEMPT_BY_STAGE = {"train": ("lggseg.config",)}
 
 

@@ -64,14 +64,6 @@ ALLOWED = {
     ("src/lggseg/training/trainer.py", "_strip"),
     ("src/lggseg/training/trainer.py", "_torch_rng_states"),
     ("src/lggseg/training/trainer.py", "_unflatten_optimizer"),
-    # bench/ shrunk to one or two modules by the layer2 branch: removed when the layer2 branch merges
-    ("src/lggseg/bench/loader.py", "_prepare"),
-    ("src/lggseg/bench/loader.py", "_r"),
-    ("src/lggseg/bench/loader.py", "_timed_once"),
-    ("src/lggseg/bench/run.py", "_r"),
-    ("src/lggseg/bench/step.py", "_r"),
-    ("src/lggseg/bench/step.py", "_stats"),
-    ("src/lggseg/bench/step.py", "_timed_once"),
 }
 
 

@@ -7,6 +7,8 @@ real pipeline are never written. Inside ``demo/`` the usual DVC workflow works, 
 
     cd demo && dvc exp run -S loss.gamma=0.5 && dvc metrics diff && dvc exp show
 
+Comparisons of several settings are queued experiments (docs/experiments.md).
+
 A second ``make demo`` re-syncs changed project files and lets DVC skip what is up to date.
 ``--prepare-only`` builds the workspace without running it, for other profiles such as
 ``params.cpu.yaml`` where one runs chosen targets (``dvc repro evaluate@<variant>``).
@@ -23,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,6 @@ from typing import Any
 
 import yaml
 
-from lggseg import warm
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
 from lggseg.errors import LggsegError
 from lggseg.evaluation.metrics import HEADLINE_KEYS
@@ -165,11 +165,7 @@ def _repro(ws: Path, targets: Sequence[str], tag: str, what: str) -> int:
     """``dvc repro [targets]`` in ``ws``; returns its exit status (a failure is reported on stderr)."""
     command = " ".join(["dvc repro", *targets])
     print(f"[{tag}] running `{command}` in {ws} ({what})", flush=True)
-    env = _env()
-    with tempfile.TemporaryDirectory(prefix="lggseg-warm-") as tmp, warm.server(Path(tmp) / "s.sock", env=env) as offer:
-        # torch, timm and smp imported once for all stages instead of ~8 s in each process (lggseg.warm)
-        print(f"[{tag}] warm start: {'on' if offer else 'unavailable, every stage imports its libraries'}", flush=True)
-        rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env={**env, **offer}).returncode
+    rc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=ws, env=_env()).returncode
     if rc != 0:
         print(f"[{tag}] dvc repro failed (exit {rc}); see the output above", file=sys.stderr)
     return rc
@@ -211,7 +207,8 @@ def summary_lines(ws: Path) -> list[str]:
 def _env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Spinning OpenMP workers make 2-thread CPU training several times slower whenever anything else
-    # runs on the cores (measured by the benchmark); passive waiting costs nothing on a quiet machine.
+    # runs on the cores (earlier benchmark runs: `training.with_loader` in metrics/bench.json); passive
+    # waiting costs nothing on a quiet machine.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 

@@ -68,6 +68,7 @@ def test_demo_overrides_validate():
         ("train", {"fused_adam": "yes"}, "train.fused_adam must be true or false"),
         ("postprocess", {"min_area": -1}, ">= 0"),
         ("evaluate", {"threshold": 1.0}, "(0, 1)"),
+        ("evaluate", {"split": "train"}, "evaluate.split must be val or test"),
         ("model", {"arch": "fpn"}, "model.arch"),
         ("model", {"atrous_rates": [6, 12]}, "three positive"),
         ("model", {"arch": "unet", "attributes": True}, "needs arch deeplabv3plus"),

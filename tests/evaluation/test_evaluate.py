@@ -367,6 +367,7 @@ def test_another_split_is_scored_on_request():
     res = evaluate_loaded({23: (BrightModel(), _meta(attributes=False))}, make_store(), CFG, POST, "cpu", split="train")
     assert list(res.slices[~res.slices["postprocessed"]]["row"]) == [0]
     assert res.metrics["dice_slice_mean"] == 1.0 and res.metrics["n_test_slices"] == 1
+    assert res.metrics["split"] == "train"  # the keys keep their test names; this says which split it was
 
 
 def test_an_unknown_or_empty_split_is_refused():

@@ -1,317 +1,262 @@
-"""Benchmark of the hot paths of training and inference (issue #6; the model of paper sections 3.1-3.4).
+"""``lggseg bench`` and the ``bench`` stage: the figures of the README's "Performance" section, measured on
+the device present and merged into ``metrics/bench.json`` under one key per device, so machines accumulate.
 
-One call of :func:`run_benchmark` measures, on whatever device it is given, and merges into
-``metrics/bench.json`` under a per-device key (``cpu-amd-epyc``, ``cuda-nvidia-h100-80gb-hbm3``, ...)
-so that CPU and CUDA results live side by side:
-
-1. **Training throughput** (images/s) of the configured network (DeepLabv3+ ``regnetz_040`` with the
-   attribute encoder, at ``common.image_size``) with the full eq. 13 loss, for a small set of step
-   set-ups on one fixed batch: the plain baseline (fp32, contiguous, no compile, torch's default
-   threads), the set-up :mod:`lggseg.training.trainer` uses on this device ("ours"), and the candidates that
-   could make it faster (channels_last, bf16 autocast, both, and ``torch.compile`` on CUDA; bf16
-   only where the CPU supports bf16). Each reports its speed-up over the baseline; the best one
-   is named so that a real win can be adopted by the training code. Then "ours" and the best are
-   timed again **fed by the real DataLoader**, whose workers share the cores with the step: on a
-   small CPU box that contention, not arithmetic, can decide the speed, so the CPU also tries fewer
-   torch threads and ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads that sleep instead of spinning
-   while they wait; tried in a subprocess because OpenMP reads it at start-up).
-2. **Loss cost**: forward + backward time of each term of eq. 13 (BCE, Dice, outlier in both modes,
-   and the whole compound loss) on logits of the training batch's shape, as a share of "our"
-   training step; and the outlier terms at ``j`` = 21, 41, 81, which must stay flat (their box
-   counts are O(1) per pixel whatever the window).
-3. **Data pipeline**: images/s that the training DataLoader (memmap read, resize, augmentation,
-   ``train.num_workers`` workers) delivers, divided by the images/s that "our" training step
-   consumes; it must stay above :data:`DATA_RATIO_TARGET` or the GPU waits for the CPU.
-4. **Inference**: slices/s of the inference function of ``lggseg predict``, with and without TTA.
-5. **Data paths and concurrent variants** (:mod:`lggseg.bench.paths`, issue #11; ``--no-paths`` skips
-   them): the whole training step fed by the device-resident path against the DataLoader path at 64
-   and 256 px, and two variants trained at once (:mod:`lggseg.training.concurrent`) against one after another.
-6. **Demo wall time**: the time of the whole demo ``dvc repro``, taken as an input (it is far too
-   long to run here) and recorded with its source.
-
-Plus the model's size and forward FLOPs per image (``torch.utils.flop_counter``), the measured
-matmul rate of the device (fp32 and bf16) and the share of it that training achieves.
-
-Timing: every figure is the median of ``reps`` repetitions after ``warmup`` untimed ones (the first
-call, which pays for cudnn autotuning or compilation, is reported apart); on CUDA each repetition
-is bracketed by CUDA events read after one synchronisation, so asynchronous launches are neither
-missed nor double-counted. Things that are compared (the step set-ups, the loss terms and the j
-sweep, inference with and without TTA) are timed in turns, repetition by repetition, so that a busy
-neighbour slows them alike and their ratios hold. The loader-fed loop is timed as wall time of
-``reps`` steps between two synchronisations. Timings are still noisy on a shared machine: the
-load average before and after is recorded (``machine_load``) and ``all_s`` keeps every repetition. The input of the isolated step is one augmented batch of the store, the
-weights are random (speed does not depend on them), and every set-up starts from the same weights.
-
-Modules: :mod:`~lggseg.bench.step` measures 1, 2 and 4 on the fixed batch, :mod:`~lggseg.bench.loader`
-3 and the loader-fed loop, :mod:`~lggseg.bench.paths` 5; :mod:`~lggseg.bench.timing` holds the
-parameters, the timers and 6.
+The configured network with the full eq. 13 loss and random weights, on one augmented batch: the training
+step (the one training runs) under our set-up against a plain float32 loop and channels_last / bf16 alone;
+each loss term's share of it and the outlier terms at j = 21/41/81; the DataLoader's rate against the
+step's; ``lggseg predict`` with and without TTA; unless ``--no-paths``, the step fed by the DataLoader path
+against the device-resident path at 64 and 256 px, and two variants trained in turns in one process
+against one after another (:mod:`lggseg.bench.measure` says how each is timed). The demo's wall time is
+an input (``--demo-seconds`` or the file ``make demo`` writes), recorded with its source.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import contextlib
+import dataclasses
+import datetime as dt
 import json
+import math
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from lggseg.bench.loader import bench_data, bench_with_loader, first_batch, loop_variants, open_store
-from lggseg.bench.step import bench_inference, bench_losses, bench_training, candidate_setups, forward_flops
-from lggseg.bench.timing import (
-    DATA_RATIO_TARGET,
-    DEMO_TIME_FILE,
-    BenchConfig,
-    _r,
-    bench_config,
-    demo_time,
-    device_info,
-    device_key,
-    load_average,
-    machine_load,
-    matmul_rate,
-)
+from lggseg.bench import measure as M
 from lggseg.config import (
-    deep_merge,
+    CommonConfig,
+    ConfigError,
+    LossConfig,
+    ManifestConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    load_section,
     read_params,
 )
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json
 from lggseg.runtime import resolve_device
-from lggseg.training.step import step_setup
 
-# --------------------------------------------------------------------------- the whole run
-
-
-def _conditions(info: Mapping[str, Any], threads: int, image_size: int, batch_size: int) -> dict[str, Any]:
-    return {"device": info["name"], "torch": info["torch"], "threads": threads,
-            "image_size": image_size, "batch_size": batch_size}
+DEMO_TIME_FILE = Path("demo/metrics/demo_time.json")
+# batch 0: train.batch_size; data: batches the loader is timed over; infer: repetitions of inference
+PROFILES = {"cpu": {"batch": 4, "warmup": 1, "reps": 7, "data": 12, "infer": 3},
+            "cuda": {"batch": 0, "warmup": 5, "reps": 20, "data": 40, "infer": 10}}
 
 
-def _merge_write(out_json: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    if out_json.is_file():
-        try:
-            doc = json.loads(out_json.read_text())
-        except ValueError as exc:
-            raise DataError(f"{out_json}: existing benchmark file is not valid JSON ({exc}); move it away") from None
-        if not isinstance(doc, dict):
-            raise DataError(f"{out_json}: existing benchmark file is not a JSON object; move it away")
-    doc[key] = entry
-    write_json(out_json, doc)
-    return doc
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """The params sections measured and the run's settings (``None``: the device profile's value)."""
+
+    common: CommonConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    manifest: ManifestConfig
+    data_dir: Path | None = None  # a manifest store; None: a small synthetic one
+    demo_seconds: float | None = None
+    demo_time_file: Path | None = DEMO_TIME_FILE
+    batch_size: int | None = None
+    reps: int | None = None
+    outlier_js: tuple[int, ...] = (21, 41, 81)
+    paths: bool = True
+    path_sizes: tuple[int, ...] = (64, 256)
+    path_rounds: int = 2
+    concurrent_cases: int = 8
+    concurrent_cpu_size: int = 64  # on CUDA: common.image_size
+    synthetic_cases: int = 3
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 2:  # BatchNorm after ASPP's pooling needs 2
+            raise ConfigError(f"--batch-size must be at least 2, got {self.batch_size}")
+        if self.reps is not None and self.reps < 1:
+            raise ConfigError(f"--reps must be at least 1, got {self.reps}")
+        if self.demo_seconds is not None and not (math.isfinite(self.demo_seconds) and self.demo_seconds > 0):
+            raise ConfigError(f"--demo-seconds must be a positive number, got {self.demo_seconds!r}")
+        if any(s % 16 or s < 32 for s in (*self.path_sizes, self.concurrent_cpu_size)):
+            raise ConfigError("bench image sizes must be multiples of 16 and at least 32")
+
+    def profile(self, device: torch.device) -> dict[str, int]:
+        p = dict(PROFILES["cuda" if device.type == "cuda" else "cpu"])
+        p["batch"] = self.batch_size or p["batch"] or self.train.batch_size
+        p["reps"] = self.reps or p["reps"]
+        return p
+
+
+def bench_config(params: Mapping[str, Any] | str | Path, **options: Any) -> BenchConfig:
+    """The :class:`BenchConfig` of a params file or dict: its network without pretrained weights, trained
+    with every term of eq. 13 at full weight (the loss of the paper's full model)."""
+    params = params if isinstance(params, Mapping) else read_params(params)
+    model = dataclasses.replace(load_section("model", params), pretrained=False, weights_file=None)
+    loss = dataclasses.replace(load_section("loss", params), terms=("bce", "dice", "outlier"))
+    return BenchConfig(load_section("common", params), model, loss, load_section("train", params),
+                       load_section("manifest", params), **options)
+
+
+@contextlib.contextmanager
+def open_store(cfg: BenchConfig, n_cases: int | None = None) -> Iterator[tuple[Any, str]]:
+    """The store of ``cfg.data_dir``, or (``n_cases`` or no ``data_dir``) a synthetic one in a temp dir."""
+    from lggseg.data.manifest import build_manifest
+    from lggseg.data.store import load_store
+    from lggseg.data.synthetic import generate_demo
+
+    if cfg.data_dir is not None and n_cases is None:
+        yield load_store(cfg.data_dir), str(cfg.data_dir)
+        return
+    n = n_cases or cfg.synthetic_cases
+    with tempfile.TemporaryDirectory(prefix="lggseg-bench-") as tmp:
+        build_manifest(generate_demo(Path(tmp) / "raw", n_cases=n, seed=cfg.common.seed), Path(tmp) / "store",
+                       cfg.common, cfg.manifest)
+        yield load_store(Path(tmp) / "store"), f"synthetic demo store ({n} cases)"
+
+
+def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
+    """The demo's wall time, from the command line or from the file ``make demo`` writes."""
+    if seconds is not None:
+        return {"seconds": M.r4(seconds), "source": "--demo-seconds"}
+    if path is None or not path.is_file():
+        return {"seconds": None, "source": "not measured: pass --demo-seconds" + (f" or write {path}" if path else "")}
+    try:
+        value = json.loads(path.read_text()).get("seconds")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{path}: unreadable demo time file ({exc})") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise DataError(f"{path}: expected a JSON object with a positive 'seconds', got {value!r}")
+    return {"seconds": M.r4(float(value)), "source": str(path)}
+
+
+def merge_write(out_json: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Write ``entry`` under ``key`` of ``out_json``, keeping the other devices' blocks."""
+    try:
+        doc = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    except ValueError as exc:
+        raise DataError(f"{out_json}: existing benchmark file is not valid JSON ({exc}); move it away") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{out_json}: existing benchmark file is not a JSON object; move it away")
+    write_json(out_json, {**doc, key: entry})
+    return {**doc, key: entry}
 
 
 def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
-    """Run every measurement on ``device``, merge them into ``out_json`` under this device's key.
+    """Measure everything on ``device`` and merge it into ``out_json``; returns this device's block."""
+    from lggseg.losses import CompoundLoss
+    from lggseg.models import build_model
 
-    Returns this device's block (its key under ``"key"``).
-    """
-    t_start = time.perf_counter()
-    load_start = load_average()
+    t_start, load_start = time.perf_counter(), M.load_average()
     dev = resolve_device(device, indexed=True)
-    profile = cfg.bench.profile(dev)
-    batch_size = profile.batch_size or cfg.train.batch_size
-    size = cfg.common.image_size
-    info = device_info(dev)
-    key = device_key(info)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    setups = candidate_setups(cfg.train, dev, cfg.bench)
-    # model + per-setup steps + loss + data + inference + matmul
-    paths = cfg.bench.paths
-    progress = tqdm(total=len(setups) + 5 + 2 * paths, desc=f"bench {key}", unit="part")
-    try:
-        with open_store(cfg) as (store, store_source):
+    p, size, info = cfg.profile(dev), cfg.common.image_size, M.device_info(dev)
+    epoch = cfg.loss.gamma_warmup_epochs + cfg.loss.gamma_ramp_epochs  # the outlier term at full weight
+    loss_fn = CompoundLoss(cfg.loss).to(dev)
+    with open_store(cfg) as (store, source):
+        n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
+
+        def build(image_size: int) -> torch.nn.Module:
             torch.manual_seed(cfg.common.seed)
-            n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
-            from lggseg.models import build_model, count_parameters
+            return build_model(cfg.model, n_attr, image_size).to(dev)
 
-            model = build_model(cfg.model, n_attr, size).to(dev)
-            batch = first_batch(store, cfg, batch_size, dev)
-            fwd_flops = forward_flops(model, batch)
-            progress.update()
-
-            training = bench_training(model, cfg.loss, batch, setups, dev, profile, cfg.train.lr, progress)
-            base_ips = training["baseline"]["images_per_s"]
-            for entry in training.values():
-                entry["speedup_vs_baseline"] = _r(entry["images_per_s"] / base_ips, 3)
-            best = max(training, key=lambda n: training[n]["images_per_s"])
-            ours = next(s.name for s in setups if s.knobs() == step_setup(cfg.train, dev).knobs())
-            by_name = {s.name: s for s in setups}
-            variants = loop_variants(by_name[best], by_name[ours], dev, cfg.train.num_workers)
-            progress.total += len(variants)
-            with_loader = bench_with_loader(model, cfg, store, variants, dev, profile, batch_size, progress)
-            recommended = max(with_loader, key=lambda n: with_loader[n]["images_per_s"])
-            ours_ips = training[ours]["images_per_s"]
-            ours_step = training[ours]["step"]["median_s"]
-            threads = training[ours]["threads"]
-
-            progress.set_postfix_str("matmul rate")
-            rates = {"float32": matmul_rate(dev, torch.float32, profile.matmul_size)}
-            bf16_ok = info["bf16"] if dev.type == "cuda" else info["bf16"]["supported"]
-            if bf16_ok:
-                rates["bfloat16"] = matmul_rate(dev, torch.bfloat16, profile.matmul_size)
-            progress.update()
-            train_flops = 3.0 * fwd_flops
-            for entry in training.values():
-                achieved = train_flops * entry["images_per_s"]
-                dtype = "bfloat16" if entry["setup"]["bf16"] and "bfloat16" in rates else "float32"
-                entry["achieved_tflops"] = _r(achieved / 1e12, 3)
-                entry["share_of_matmul_rate"] = {"dtype": dtype, "share": _r(achieved / (rates[dtype] * 1e12), 3)}
-
-            progress.set_postfix_str("loss terms")
-            losses = bench_losses(cfg.loss, batch.mask, ours_step, cfg.bench.outlier_js, dev, profile)
-            progress.update()
-            progress.set_postfix_str("data loader")
-            data = bench_data(store, cfg, batch_size, ours_ips, dev, profile)
-            progress.update()
-            progress.set_postfix_str("inference")
-            native = (int(store.masks.shape[1]), int(store.masks.shape[2]))
-            inference = bench_inference(model, batch, native, dev, profile)
-            progress.update()
-            n_params = count_parameters(model)
-            data_paths = concurrent = None
-            if paths:
-                from lggseg.bench.paths import bench_concurrent, bench_data_paths
-
-                del model, batch
-                progress.set_postfix_str("resident vs loader path")
-                data_paths = bench_data_paths(cfg, store, dev, profile, batch_size)
-                progress.update()
-                progress.set_postfix_str("two variants at once vs one after another")
-                concurrent = bench_concurrent(cfg, dev)
-                progress.update()
-    finally:
-        progress.close()
-
-    cond = _conditions(info, threads, size, batch_size)
+        model = build(size)
+        b = next(iter(M.make_loader(store, size, dataclasses.replace(cfg.train, num_workers=0), cfg.common.seed,
+                                    p["batch"], 1, torch.device("cpu"))))
+        batch = {"image": b["image"].to(dev), "mask": b["mask"].to(dev),
+                 "attributes": b["attributes"].to(dev) if cfg.model.attributes else None}
+        setups = M.candidate_setups(cfg.train, dev)
+        training = M.training_steps(model, loss_fn, batch, setups, dev, p["warmup"], p["reps"], cfg.train.lr, epoch)
+        for v in training.values():
+            v["speedup_vs_baseline"] = M.r4(v["images_per_s"] / training["baseline"]["images_per_s"], 3)
+        ours = next(s.name for s in setups if s.knobs() == M.step_setup(cfg.train, dev).knobs())
+        ours_ips, ours_step = training[ours]["images_per_s"], training[ours]["step"]["median_s"]
+        losses = M.loss_costs(cfg.loss, batch["mask"], ours_step, cfg.outlier_js, dev, max(p["reps"], 10))
+        loader = M.loader_rate(M.make_loader(store, size, cfg.train, cfg.common.seed, p["batch"], p["data"] + 1, dev))
+        native = (int(store.masks.shape[1]), int(store.masks.shape[2]))
+        infer = M.inference(model, batch, native, dev, p["warmup"], p["infer"])
+        extra: dict[str, Any] = {}
+        if cfg.paths:
+            del model
+            extra["data_paths"] = M.data_paths(build, loss_fn, store, cfg, p["batch"], dev, p["warmup"], p["reps"],
+                                               epoch)
+    if cfg.paths:
+        extra["concurrent"] = _concurrent(cfg, dev)
+    cond = {"device": info["name"], "torch": info["torch"], "threads": training[ours]["threads"],
+            "image_size": size, "batch_size": p["batch"]}
     entry: dict[str, Any] = {
-        "key": key,
-        "measured_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "device": info,
-        "settings": {
-            "arch": cfg.model.arch, "encoder": cfg.model.encoder, "attributes": cfg.model.attributes,
-            "n_attributes": n_attr, "image_size": size, "batch_size": batch_size, "loss_terms": list(cfg.loss.terms),
-            "outlier_mode": cfg.loss.outlier_mode, "warmup": profile.warmup, "reps": profile.reps,
-            "loss_reps": profile.loss_reps, "data_batches": profile.data_batches,
-            "infer_batches": profile.infer_batches, "statistic": "median", "store": store_source,
-        },
-        "model": {
-            "parameters_m": _r(n_params / 1e6),
-            "forward_gflop_per_image": _r(fwd_flops / 1e9),
-            "train_gflop_per_image": _r(train_flops / 1e9),
-            "flop_note": "train = 3 x forward (backward ~ 2 x forward); FlopCounterMode over-counts the "
-                         "backward of grouped convolutions (regnetz), so it is not counted directly",
-        },
-        "matmul_tflops": {k: _r(v, 3) for k, v in rates.items()} | {"n": profile.matmul_size},
-        "training": {
-            "conditions": cond,
-            "ours": ours,
-            "speedup": training[ours]["speedup_vs_baseline"],
-            "best": best,
-            "best_speedup": training[best]["speedup_vs_baseline"],
-            "setups": training,
-            "with_loader": with_loader,
-            "with_loader_recommended": recommended,
-            "with_loader_gain_vs_ours": _r(with_loader[recommended]["images_per_s"] / with_loader[ours]["images_per_s"], 3),
-        },
+        "key": M.device_key(info), "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": info,
+        "settings": {"arch": cfg.model.arch, "encoder": cfg.model.encoder, "attributes": cfg.model.attributes,
+                     "n_attributes": n_attr, "image_size": size, "batch_size": p["batch"],
+                     "loss_terms": list(cfg.loss.terms), "outlier_mode": cfg.loss.outlier_mode, "warmup": p["warmup"],
+                     "reps": p["reps"], "statistic": "median", "store": source},
+        "training": {"conditions": cond, "ours": ours, "speedup": training[ours]["speedup_vs_baseline"],
+                     "setups": training},
         "loss": {"conditions": cond, **losses},
-        "data": {"conditions": cond, **data},
-        "inference": {"conditions": cond, **inference},
-        **({"data_paths": data_paths, "concurrent": concurrent} if paths else {}),
+        "data": {"conditions": cond, "loader": loader, "model_images_per_s": ours_ips,
+                 "ratio": M.r4(loader["images_per_s"] / ours_ips, 3)},
+        "inference": {"conditions": cond, **infer},
+        **extra,
         "demo_repro": demo_time(cfg.demo_seconds, cfg.demo_time_file),
-        "machine_load": machine_load(load_start, load_average()),
     }
-    entry["bench_seconds"] = _r(time.perf_counter() - t_start)
-    _merge_write(Path(out_json), key, entry)
+    entry["machine_load"] = machine_load(load_start, M.load_average(), info["cpu_count"] or 1)
+    entry["bench_seconds"] = M.r4(time.perf_counter() - t_start)
+    merge_write(Path(out_json), entry["key"], entry)
     return entry
 
 
-def summary_lines(entry: Mapping[str, Any]) -> list[str]:
-    """A few human-readable lines of one device's results."""
-    tr, loss, data, inf = entry["training"], entry["loss"], entry["data"], entry["inference"]
-    s = tr["setups"]
-    lines = [f"{entry['key']} ({entry['settings']['encoder']}, {entry['settings']['image_size']}px, "
-             f"batch {entry['settings']['batch_size']}, {tr['conditions']['threads']} threads)"]
-    lines += [f"  train {name:<28} {v['images_per_s']:>9.2f} img/s  x{v['speedup_vs_baseline']:.2f}" for name, v in s.items()]
-    lines.append(f"  ours = {tr['ours']} (x{tr['speedup']:.2f}); best = {tr['best']} (x{tr['best_speedup']:.2f})")
-    lines += [f"  train + loader {name:<28} {v['images_per_s']:>9.2f} img/s ({v['threads']} threads, {v['workers']} workers"
-              + (f", {' '.join(f'{k}={x}' for k, x in v['env'].items())}" if v.get("env") else "") + ")"
-              for name, v in tr["with_loader"].items()]
-    lines.append(f"  with the loader, {tr['with_loader_recommended']} is x{tr['with_loader_gain_vs_ours']:.2f} ours")
-    t = loss["terms"]
-    lines.append("  loss share of step: " + ", ".join(f"{k} {t[k]['share_of_step']:.1%}" for k in ("bce", "dice", "outlier")))
-    fl = loss["outlier_by_j"]["flatness"]
-    lines.append("  outlier j sweep, slowest/fastest j (fastest reps): "
-                 + ", ".join(f"{m} {v['max_over_min_fastest']:.2f}{'' if v['flat'] else ' NOT FLAT'}" for m, v in fl.items()))
-    lines.append(f"  data: {data['loader']['images_per_s']:.1f} img/s with {data['loader']['workers']} workers, "
-                 f"ratio {data['ratio']:.2f} ({'ok' if data['ok'] else 'BELOW ' + str(DATA_RATIO_TARGET)})")
-    lines.append(f"  inference: {inf['plain']['slices_per_s']:.2f} slices/s, TTA {inf['tta']['slices_per_s']:.2f} slices/s")
-    if "data_paths" in entry:
-        for size, v in entry["data_paths"]["sizes"].items():
-            lines.append(f"  step + data at {size}: loader {v['loader']['images_per_s']:.2f} img/s, resident "
-                         f"{v['resident']['images_per_s']:.2f} img/s (x{v['ratio_resident_over_loader']:.2f})")
-        c = entry["concurrent"]
-        same = "" if "identical_results" not in c else (", results identical" if c["identical_results"]
-                                                          else ", RESULTS DIFFER")
-        lines.append(f"  2 variants at {c['image_size']}px: one after another {c['sequential_s']:.1f} s, at once "
-                     f"{c['concurrent_s']:.1f} s (x{c['ratio_concurrent_over_sequential']:.2f}){same}")
-    demo = entry["demo_repro"]
-    lines.append(f"  demo dvc repro: {demo['source']}" if demo["seconds"] is None
-                 else f"  demo dvc repro: {demo['seconds']:.0f} s ({demo['source']})")
-    load = entry["machine_load"]
-    if load["busy"]:
-        lines.append(f"  WARNING: the machine was busy (load average {load['start']} -> {load['end']} on "
-                     f"{load['cpu_count']} CPUs): these timings are unreliable")
-    lines.append(f"  benchmark took {entry['bench_seconds']:.0f} s")
+def machine_load(start: float | None, end: float | None, cpus: int) -> dict[str, Any]:
+    """Load averages around the run; ``busy`` when other work held over half the CPUs at the start (by
+    the end the benchmark's own threads add to it): the timings then say more about the neighbours."""
+    return {"start": start, "end": end, "cpu_count": cpus, "busy": start is not None and start > 0.5 * cpus}
+
+
+def _concurrent(cfg: BenchConfig, dev: torch.device) -> dict[str, Any]:
+    """Two variants (every loss term, and BCE alone: Table 2's first and last rows), one epoch on the
+    resident path, on a synthetic store of ``concurrent_cases`` cases (at 64 px on the CPU)."""
+    size = cfg.common.image_size if dev.type == "cuda" else cfg.concurrent_cpu_size
+    train = dataclasses.replace(cfg.train, epochs=1, data_path="resident", max_minutes=None, warmup_epochs=0)
+    common = dataclasses.replace(cfg.common, image_size=size, device=dev.type)
+    runs = [RunConfig(name, common, cfg.model, dataclasses.replace(cfg.loss, terms=terms), train, seeds=(cfg.common.seed,))
+            for name, terms in (("bench_full_loss", cfg.loss.terms), ("bench_bce", ("bce",)))]
+    with open_store(cfg, cfg.concurrent_cases) as (store, _):
+        out = M.concurrent_variants(runs, store, cfg.common.seed, dev)
+    return {"variants": {r.variant: list(r.loss.terms) for r in runs}, "image_size": size, "epochs": 1,
+            "cases": cfg.concurrent_cases, "batch_size": train.batch_size, "data_path": "resident", **out}
+
+
+def summary_lines(e: Mapping[str, Any]) -> list[str]:
+    """A few human-readable lines of one device's block."""
+    tr, loss, data, inf = e["training"], e["loss"], e["data"], e["inference"]
+    lines = [f"{e['key']} ({e['settings']['encoder']}, {e['settings']['image_size']} px, batch "
+             f"{e['settings']['batch_size']}; ours = {tr['ours']}; busy machine: {e['machine_load']['busy']})"]
+    lines += [f"  train {k:<20} {v['images_per_s']:8.2f} img/s  x{v['speedup_vs_baseline']:.2f}" for k, v in tr["setups"].items()]
+    lines.append("  loss share of step: " + ", ".join(f"{k} {v['share_of_step']:.2%}" for k, v in loss["terms"].items()))
+    lines.append(f"  loader / step {data['ratio']:.1f}; predict {inf['plain']['slices_per_s']:.2f} slices/s, "
+                 f"TTA {inf['tta']['slices_per_s']:.2f}")
+    for k, v in e.get("data_paths", {}).get("sizes", {}).items():
+        lines.append(f"  resident / loader path at {k}: x{v['ratio_resident_over_loader']:.2f}")
+    if "concurrent" in e:
+        lines.append(f"  2 variants in turns / one after another: x{e['concurrent']['ratio_concurrent_over_sequential']:.2f}")
     return lines
-
-
-def build_parser(prog: str = "lggseg bench") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="Benchmark training, loss, data loading and inference.")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="metrics/bench.json", help="bench JSON to merge this device's results into")
-    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: common.device)")
-    ap.add_argument("--data", default=None, help="manifest store to read (default: a small synthetic one)")
-    ap.add_argument("--demo-seconds", type=float, default=None, help="wall time of the demo's dvc repro")
-    ap.add_argument("--demo-time-file", default=str(DEMO_TIME_FILE), help='JSON {"seconds": ...} written by make demo')
-    ap.add_argument("--batch-size", type=int, default=None, help="override the device profile's batch size")
-    ap.add_argument("--reps", type=int, default=None, help="override the device profile's repetitions")
-    ap.add_argument("--no-candidates", action="store_true", help="time only the baseline and our set-up")
-    ap.add_argument("--no-compile", action="store_true", help="do not time torch.compile on CUDA")
-    ap.add_argument("--no-paths", action="store_true",
-                    help="skip resident vs DataLoader path and concurrent vs sequential variants")
-    return ap
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """The :class:`BenchConfig` of the params file with the command line's overrides of the ``bench`` section."""
-    params = read_params(args.params)
-    over: dict[str, Any] = {}
-    profile = {k: v for k, v in (("batch_size", args.batch_size), ("reps", args.reps)) if v is not None}
-    if profile:
-        over.update(cpu=profile, cuda=profile)
-    if args.no_candidates:
-        over["candidates"] = False
-    if args.no_compile:
-        over["compile"] = False
-    if args.no_paths:
-        over["paths"] = False
-    params = deep_merge(params, {"bench": over})
-    return bench_config(params, args.data, args.demo_seconds, args.demo_time_file)
 
 
 def main(argv: list[str] | None = None, prog: str = "lggseg bench") -> int:
     """``lggseg bench``: run the benchmark; exit 2 with a one-line message on bad input."""
-    args = build_parser(prog).parse_args(argv)
+    ap = argparse.ArgumentParser(prog=prog, description="Benchmark training, loss, data loading and inference.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="metrics/bench.json", help="bench JSON to merge this device's block into")
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: common.device)")
+    ap.add_argument("--data", type=Path, default=None, help="manifest store (default: a small synthetic one)")
+    ap.add_argument("--demo-seconds", type=float, default=None, help="wall time of the demo")
+    ap.add_argument("--demo-time-file", type=Path, default=DEMO_TIME_FILE, help='JSON {"seconds": ...} of make demo')
+    ap.add_argument("--batch-size", type=int, default=None, help="instead of the device profile's batch size")
+    ap.add_argument("--reps", type=int, default=None, help="instead of the device profile's repetitions")
+    ap.add_argument("--no-paths", action="store_true", help="skip the data paths and the concurrent variants")
+    args = ap.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = bench_config(args.params, data_dir=args.data, demo_seconds=args.demo_seconds,
+                           demo_time_file=args.demo_time_file, batch_size=args.batch_size, reps=args.reps,
+                           paths=not args.no_paths)
         entry = run_benchmark(cfg, args.out, args.device or cfg.common.device)
     except LggsegError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -355,6 +355,8 @@ class EvaluateConfig:
     noise_side: int | None = None  # None: loss.i (the paper's 7); components under noise_side^2 px touching no truth are noise
     connectivity: int = 8
     tta: bool = False  # average the identity, h-flip and v-flip probabilities (lggseg predict --tta)
+    # the split the evaluate stage scores: `val` to compare recipes without the test split (docs/experiments.md)
+    split: str = "test"
 
     def __post_init__(self) -> None:
         _derive_defaults(self, "evaluate")
@@ -364,6 +366,7 @@ class EvaluateConfig:
         _require(is_int(self.bootstrap_seed) and self.bootstrap_seed >= 0, "evaluate.bootstrap_seed must be >= 0")
         _require(is_int(self.noise_side) and self.noise_side > 0, "evaluate.noise_side must be positive")
         _require(self.connectivity in (4, 8), "evaluate.connectivity must be 4 or 8")
+        _require(self.split in ("val", "test"), f"evaluate.split must be val or test, got {self.split!r}")
 
 
 @dataclass(frozen=True)

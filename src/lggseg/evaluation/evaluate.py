@@ -216,7 +216,8 @@ def evaluate_loaded(
     """:func:`evaluate_model` on already loaded ``{seed: (model, meta)}`` and an opened store.
 
     ``split`` is the split scored (``test``; ``val`` to choose between recipes without looking at
-    the test split, as :mod:`lggseg.ablation` does); the metric keys keep their ``test`` names.
+    the test split, ``evaluate.split``: docs/experiments.md); the metric keys keep their ``test`` names
+    and ``split`` says which one it was.
     """
     if not models:
         raise ModelError("no model to evaluate")
@@ -251,6 +252,7 @@ def evaluate_loaded(
     seeds = sorted(int(s) for s in models)
     metrics["seeds"] = seeds
     metrics["tta"] = cfg.tta
+    metrics["split"] = split
     if len(seeds) > 1:
         metrics["per_seed"] = {str(s): per_seed[s] for s in seeds}
     metrics["provenance"] = provenance(models, store, cfg, device)

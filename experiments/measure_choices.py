@@ -1,15 +1,16 @@
 """Measures behind the README's "Quick start" reasons for the demo profile (issue #13), written to
-``choices.json`` beside this script:
+``--out`` (``results/demo-2026-11-30/choices.json`` holds the committed run):
 
 - ``import_seconds``: wall time of ``import torch, timm, segmentation_models_pytorch`` in a fresh
-  process (what each stage paid before warm starts), 3 runs;
+  process (what each stage process pays), 3 runs;
 - ``real_peak_tumour_area_px``: each real case's largest tumour cross-section (pixels at 256x256), from a
   manifest store of the real data (the demo's synthetic lesions are sized after it);
 - ``adam_step_seconds``: the optimiser update alone, torch's default (multi-tensor) Adam against the fused
   one, for two of the demo's large encoders at its settings (64 px, batch 4, float32, 2 threads);
   median of 6 steps after 2 warm-up steps.
 
-    python results/demo-2026-11-30/measure_choices.py --store <manifest store of the 94-case copy>
+    python experiments/measure_choices.py --store <manifest store of the 94-case copy> \
+        --out results/demo-2026-11-30/choices.json
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def import_seconds(runs: int = 3) -> list[float]:
@@ -78,12 +79,13 @@ def adam_steps(variants: list[str]) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     args = ap.parse_args()
     from lggseg.runtime import machine_record
 
     result = {"import_seconds": import_seconds(), "real_peak_tumour_area_px": peak_areas(args.store),
               "adam_step_seconds": adam_steps(["repvgg_b2_bce", "effv2m_bce"]), "machine": machine_record()}
-    (Path(__file__).parent / "choices.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
