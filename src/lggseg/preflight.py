@@ -8,10 +8,14 @@ the outlier term has its full weight, then one evaluation batch through
 :func:`lggseg.inference.infer_probabilities`. Weights are random (``model.pretrained`` is forced off:
 nothing is downloaded, and the speed and memory do not depend on the values of the weights).
 
-One line per variant: ``OK`` or ``FAIL`` with the error in one line, the median step time and the
+One line per variant: ``OK`` or ``FAIL`` with the error in one line, the median step time, the
 peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per variant); on the CPU the growth
 of the process's peak resident set size (``resource.getrusage``), which only counts memory above
-the previous variants' peak. A failing variant does not stop the others; the exit status is 0 when
+the previous variants' peak; and ``ops``, the aten operations one eager training step dispatches
+(:func:`count_step_ops`, views left out): each is at least one kernel launch from the Python thread
+on CUDA, so it says how much host work a step costs, whatever the device. ``--overrides`` merges a
+YAML of params sections over the params file, as ``lggseg reproduce --overrides`` does (the lease
+profile ``params.gpu-lease.yaml``). A failing variant does not stop the others; the exit status is 0 when
 all passed, 2 otherwise. Errors in the command line or the params file (an unknown variant) stop
 before any model is built.
 """
@@ -20,18 +24,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lggseg.config import ConfigError, RunConfig, load_section, read_params, resolve_variant, variant_names
+from lggseg.config import (
+    ConfigError,
+    RunConfig,
+    deep_merge,
+    load_section,
+    read_params,
+    resolve_variant,
+    variant_names,
+)
 from lggseg.errors import LggsegError
 
 N_ATTRIBUTES = 16  # width of the synthetic attribute vector (the real one is ~30: one-hot clusters + position)
@@ -46,11 +60,13 @@ class Outcome:
     error: str | None
     step_seconds: float | None = None
     peak_mib: float | None = None
+    step_ops: int | None = None
 
     def line(self, width: int) -> str:
         if self.error is not None:
             return f"FAIL {self.variant:<{width}}  {self.error}"
-        return f"OK   {self.variant:<{width}}  step {self.step_seconds:.3f} s  peak {self.peak_mib:.0f} MiB"
+        return (f"OK   {self.variant:<{width}}  step {self.step_seconds:.3f} s  peak {self.peak_mib:.0f} MiB  "
+                f"ops {self.step_ops}")
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -69,6 +85,28 @@ def _synthetic(batch: int, size: int, device: torch.device, seed: int = 0) -> tu
         y[k, 0, y0 : y0 + size // 4, x0 : x0 + size // 3] = 1
     a = torch.rand(batch, N_ATTRIBUTES, generator=g)
     return x.to(device), y.to(device), a.to(device)
+
+
+def count_step_ops(step: Callable[[], Any]) -> Counter[str]:
+    """The aten operations that ``step()`` (one training step) dispatches, by name, views left out.
+
+    Counted by a ``TorchDispatchMode`` (autograd's backward included): with eager execution each
+    operation is at least one kernel launch from the host thread, so the total is the host's share of
+    a step's cost that no faster GPU removes (issue #20: ~1,800 per regnetz step was an estimate).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter[str] = Counter()
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                counts[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        step()
+    return counts
 
 
 def _peak_rss_mib() -> float:
@@ -110,6 +148,9 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
                 if not torch.isfinite(total):  # also waits for the device, so the time is the step's
                     raise FloatingPointError(f"the loss is {float(total)}")
                 times.append(time.perf_counter() - t0)
+            # the eager model (compiled code launches fewer, fused kernels), after the timed steps (warm caches)
+            one_step = functools.partial(train_step, model, optimizer, loss_fn, x, y, attrs, epoch, setup.bf16)
+            ops = sum(count_step_ops(one_step).values())
             net.eval()
             prob = infer_probabilities(net, x, attrs, out_size=NATIVE)
             if tuple(prob.shape) != (batch, *NATIVE) or not torch.isfinite(prob).all():
@@ -117,7 +158,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
                                  f"{bool(torch.isfinite(prob).all())}")
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - rss0
         # the first step builds caches (cuDNN autotuning, compilation); the median ignores it
-        return Outcome(run.variant, None, statistics.median(times[1:] or times), peak)
+        return Outcome(run.variant, None, statistics.median(times[1:] or times), peak, ops)
     except Exception as exc:  # noqa: BLE001 - every failure of a variant is reported, the others still run
         return Outcome(run.variant, _one_line(exc))
     finally:
@@ -136,7 +177,8 @@ def preflight(params: dict[str, Any], variants: Sequence[str] | None, device: to
     size = image_size or runs[0].common.image_size
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "growth of the process's peak RSS"
     print(f"preflight: {len(runs)} variant(s) on {device} at {size} px, {steps} steps each, random init "
-          f"(model.pretrained forced off); step = median time, peak = {memory}", file=out, flush=True)
+          f"(model.pretrained forced off); step = median time, peak = {memory}, ops = aten ops dispatched "
+          "by one eager step", file=out, flush=True)
     width = max(len(n) for n in names)
     outcomes = []
     for run in runs:
@@ -155,6 +197,7 @@ def build_parser(prog: str = "lggseg preflight") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--variants", help="comma-separated variant names (default: all of the params file)")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--overrides", help="YAML of params sections merged over the params file (e.g. params.gpu-lease.yaml)")
     ap.add_argument("--image-size", type=int, help="input size (default: common.image_size)")
     ap.add_argument("--device", help="auto | cpu | cuda (default: common.device)")
     ap.add_argument("--batch-size", type=int, help="images per step (default: each variant's train.batch_size)")
@@ -179,6 +222,8 @@ def main(argv: list[str] | None = None, prog: str = "lggseg preflight") -> int:
         if args.image_size is not None:
             CommonConfig(image_size=args.image_size)  # the same rule as common.image_size
         params = read_params(args.params)
+        if args.overrides:
+            params = deep_merge(params, read_params(args.overrides))
         variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
         device = resolve_device(args.device or load_section("common", params).device)
         outcomes = preflight(params, variants, device, args.image_size, args.batch_size, args.steps)
