@@ -43,7 +43,10 @@ def test_all_variants_pass(tmp_path, capsys):
     assert "random init (model.pretrained forced off)" in out[0] and "peak RSS" in out[0] and "64 px" in out[0]
     assert len(out) == 3
     for line, name in zip(out[1:], TINY, strict=True):
-        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  peak -?\d+ MiB  ops \d+", line), line
+        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  host \d+\.\d{{3}} s  peak -?\d+ MiB  ops \d+",
+                            line), line
+        step, host = (float(v) for v in re.findall(r"(\d+\.\d+) s", line))
+        assert 0 < host <= step
     # the outlier term and the attribute branch add operations to the step
     ops = {name: int(line.split("ops ")[1]) for line, name in zip(out[1:], TINY, strict=True)}
     assert ops["attr_outlier"] > 100 and ops["plain_isolated"] > 100
