@@ -43,9 +43,9 @@ def test_all_variants_pass(tmp_path, capsys):
     assert "random init (model.pretrained forced off)" in out[0] and "peak RSS" in out[0] and "64 px" in out[0]
     assert len(out) == 3
     for line, name in zip(out[1:], TINY, strict=True):
-        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  host \d+\.\d{{3}} s  peak -?\d+ MiB  ops \d+",
-                            line), line
-        step, host = (float(v) for v in re.findall(r"(\d+\.\d+) s", line))
+        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  host \d+\.\d{{3}} s  save \d+\.\d\d s  "
+                            rf"peak -?\d+ MiB  ops \d+", line), line
+        step, host, _ = (float(v) for v in re.findall(r"(\d+\.\d+) s", line))
         assert 0 < host <= step
     # the outlier term and the attribute branch add operations to the step
     ops = {name: int(line.split("ops ")[1]) for line, name in zip(out[1:], TINY, strict=True)}
@@ -127,3 +127,21 @@ def test_count_step_ops_counts_the_backward_pass():
     forward = count_step_ops(lambda: (w * 2).sum())
     both = count_step_ops(lambda: (w * 2).sum().backward())
     assert sum(both.values()) > sum(forward.values())
+
+
+def test_a_model_that_does_not_reload_the_same_fails(tmp_path, capsys, monkeypatch):
+    import lggseg.models as M
+
+    real = M.load_model
+
+    def reinitialised(model_dir, device="cpu"):
+        model, meta = real(model_dir, device)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)  # as if the weights were lost on the way
+        return model, meta
+
+    monkeypatch.setattr(M, "load_model", reinitialised)
+    path = _params(tmp_path, {"attr_outlier": TINY["attr_outlier"]})
+    assert main(["--params", str(path), "--image-size", "64", "--batch-size", "2", "--steps", "1"]) == 2
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("FAIL attr_outlier") and "predicts differently" in line

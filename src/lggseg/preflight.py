@@ -7,7 +7,8 @@ chosen size (:func:`synthetic_store`, made device-resident and augmented there b
 a few optimisation steps with the variant's own loss (:func:`lggseg.training.step.train_step`
 under the variant's :func:`~lggseg.training.step.step_setup`: bf16, channels_last, compile), at the epoch where
 the outlier term has its full weight, then one evaluation batch through
-:func:`lggseg.inference.infer_probabilities`. Weights are random (``model.pretrained`` is forced off:
+:func:`lggseg.inference.infer_probabilities`, and again through the model saved by
+:func:`lggseg.models.save_model` and rebuilt by :func:`lggseg.models.load_model` (what evaluation reads). Weights are random (``model.pretrained`` is forced off:
 nothing is downloaded, and the speed and memory do not depend on the values of the weights).
 
 One line per variant: ``OK`` or ``FAIL`` with the error in one line, the median step time and its
@@ -31,6 +32,7 @@ import gc
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -66,12 +68,13 @@ class Outcome:
     peak_mib: float | None = None
     step_ops: int | None = None
     host_seconds: float | None = None
+    save_seconds: float | None = None
 
     def line(self, width: int) -> str:
         if self.error is not None:
             return f"FAIL {self.variant:<{width}}  {self.error}"
         return (f"OK   {self.variant:<{width}}  step {self.step_seconds:.3f} s  host {self.host_seconds:.3f} s  "
-                f"peak {self.peak_mib:.0f} MiB  ops {self.step_ops}")
+                f"save {self.save_seconds:.2f} s  peak {self.peak_mib:.0f} MiB  ops {self.step_ops}")
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -124,7 +127,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
     from lggseg.data.resident import ResidentBatches
     from lggseg.inference import infer_probabilities
     from lggseg.losses import CompoundLoss
-    from lggseg.models import build_model
+    from lggseg.models import build_model, load_model, save_model
     from lggseg.training.step import adam, applied, step_setup, train_step
 
     cuda = device.type == "cuda"
@@ -176,10 +179,20 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
             if tuple(prob.shape) != (batch, *NATIVE) or not torch.isfinite(prob).all():
                 raise ValueError(f"evaluation gave probabilities of shape {tuple(prob.shape)}, finite: "
                                  f"{bool(torch.isfinite(prob).all())}")
+            # what evaluation reads: the model saved after training, rebuilt from its files
+            with tempfile.TemporaryDirectory(prefix="lggseg-preflight-") as tmp:
+                t0 = time.perf_counter()
+                save_model(model, tmp, {"variant": run.variant, "preflight": True})
+                save_seconds = time.perf_counter() - t0
+                loaded, _ = load_model(tmp, device)
+            again = infer_probabilities(loaded.to(memory_format=memory_format), x, attrs, out_size=NATIVE)
+            if not torch.allclose(again, prob, atol=1e-3):
+                raise ValueError(f"the saved and reloaded model predicts differently (max difference "
+                                 f"{float((again - prob).abs().max()):.2g})")
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mib() - rss0
         # the first step builds caches (cuDNN autotuning, compilation); the median ignores it
         return Outcome(run.variant, None, statistics.median(times[1:] or times), peak, ops,
-                       statistics.median(host[1:] or host))
+                       statistics.median(host[1:] or host), save_seconds)
     except Exception as exc:  # noqa: BLE001 - every failure of a variant is reported, the others still run
         return Outcome(run.variant, _one_line(exc))
     finally:
@@ -199,7 +212,8 @@ def preflight(params: dict[str, Any], variants: Sequence[str] | None, device: to
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "growth of the process's peak RSS"
     print(f"preflight: {len(runs)} variant(s) on {device} at {size} px, {steps} steps each, random init "
           f"(model.pretrained forced off), device-resident augmented batches; step = median time, host = its "
-          f"part until all was queued, peak = {memory}, ops = aten ops dispatched by one eager step and its batch",
+          f"part until all was queued, save = writing the model (then reloaded and evaluated again), "
+          f"peak = {memory}, ops = aten ops dispatched by one eager step and its batch",
           file=out, flush=True)
     width = max(len(n) for n in names)
     outcomes = []
