@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo laptop test test-fast lint repro bench guard clean-demo
+.PHONY: install demo laptop test test-fast lint repro bench guard clean-demo wheelhouse bundle
 
+# Everything: the core package, the DVC pipeline's extras (dvc, dvclive, kagglehub, albumentations)
+# and the test tools. An offline GPU node needs only the core (`make wheelhouse`, `make bundle`).
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev,pipeline]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,3 +48,27 @@ guard:
 
 clean-demo:
 	rm -rf demo
+
+# Wheels an offline GPU node lacks, for its Python and platform (README, GPU section):
+#   make wheelhouse PY=3.12 [PLATFORM=manylinux2014_x86_64] [WHEELS="segmentation-models-pytorch albumentations ..."]
+# Only the named distributions, without their dependencies (torch, timm, numpy ... are on the node;
+# add a name to WHEELS for anything else it lacks), at the versions of requirements.lock.
+# Needs the network; then copy wheelhouse/ to the node and there:
+#   pip install --no-index --no-deps wheelhouse/*.whl     (or run from the tree: PYTHONPATH=src python -m lggseg)
+PY       ?= 3.12
+PLATFORM ?= manylinux2014_x86_64
+WHEELS   ?= segmentation-models-pytorch
+wheelhouse:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(PY) --platform $(PLATFORM) \
+		--implementation cp -c requirements.lock -d wheelhouse $(WHEELS)
+	@du -sh wheelhouse && ls wheelhouse
+
+# Before copying the tree to a machine without .git: record its commit (src/lggseg/_commit.txt,
+# git-ignored, read by lggseg.runtime.git_commit) and add lggseg's own wheel (which holds it) to wheelhouse/.
+# Both are git-ignored: a copy that takes only what git tracks must name them (wheelhouse, the commit file).
+BUNDLE_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+bundle:
+	@git diff --quiet HEAD || echo "bundle: warning: uncommitted changes; the recorded commit does not hold them" >&2
+	git rev-parse HEAD > src/lggseg/_commit.txt
+	$(BUNDLE_PY) -m pip wheel --quiet --no-deps --no-build-isolation -w wheelhouse .
+	@cat src/lggseg/_commit.txt && ls wheelhouse

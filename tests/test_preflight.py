@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lggseg.cli import main as cli_main
 from lggseg.config import read_params
-from lggseg.preflight import main
+from lggseg.preflight import count_step_ops, main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"encoder": "test_efficientnet", "pretrained": True, "decoder_channels": 32, "attribute_hidden": 16}
@@ -42,7 +43,13 @@ def test_all_variants_pass(tmp_path, capsys):
     assert "random init (model.pretrained forced off)" in out[0] and "peak RSS" in out[0] and "64 px" in out[0]
     assert len(out) == 3
     for line, name in zip(out[1:], TINY, strict=True):
-        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  peak -?\d+ MiB", line), line
+        assert re.fullmatch(rf"OK   {name} +step \d+\.\d{{3}} s  host \d+\.\d{{3}} s  save \d+\.\d\d s  "
+                            rf"peak -?\d+ MiB  ops \d+", line), line
+        step, host, _ = (float(v) for v in re.findall(r"(\d+\.\d+) s", line))
+        assert 0 < host <= step
+    # the outlier term and the attribute branch add operations to the step
+    ops = {name: int(line.split("ops ")[1]) for line, name in zip(out[1:], TINY, strict=True)}
+    assert ops["attr_outlier"] > 100 and ops["plain_isolated"] > 100
 
 
 def test_a_broken_variant_fails_alone_with_exit_2(tmp_path, capsys):
@@ -89,3 +96,52 @@ def test_every_variant_of_params_yaml_runs_on_cpu_at_64px(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert sum(line.startswith("OK ") for line in out.splitlines()) == 12
+
+
+def test_the_lease_profile_runs_through_overrides(tmp_path, capsys):
+    """params.gpu-lease.yaml merged over the params file (its device: cuda overridden by --device cpu)."""
+    lease = read_params(REPO / "params.gpu-lease.yaml")
+    assert lease["model"]["pretrained"] is False and lease["train"]["fused_adam"] is True
+    assert lease["train"]["compile"] is False and lease["train"]["checkpoint_every"] >= 100
+    path = _params(tmp_path, {"attr_outlier": TINY["attr_outlier"]})
+    assert main(["--params", str(path), "--overrides", str(REPO / "params.gpu-lease.yaml"), "--device", "cpu",
+                 "--image-size", "64", "--batch-size", "2", "--steps", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("OK   attr_outlier")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {fused_adam: maybe}\n")
+    assert main(["--params", str(path), "--overrides", str(bad), "--device", "cpu"]) == 2
+    assert "train.fused_adam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("step", "expected"), [
+    (lambda: torch.ones(3) + 1, {"aten::ones": 1, "aten::add.Tensor": 1}),
+    (lambda: torch.ones(3).view(3, 1).t() * 2, {"aten::ones": 1, "aten::mul.Tensor": 1}),  # views left out
+    (lambda: None, {}),
+])
+def test_count_step_ops(step, expected):
+    assert dict(count_step_ops(step)) == expected
+
+
+def test_count_step_ops_counts_the_backward_pass():
+    w = torch.ones(3, requires_grad=True)
+    forward = count_step_ops(lambda: (w * 2).sum())
+    both = count_step_ops(lambda: (w * 2).sum().backward())
+    assert sum(both.values()) > sum(forward.values())
+
+
+def test_a_model_that_does_not_reload_the_same_fails(tmp_path, capsys, monkeypatch):
+    import lggseg.models as M
+
+    real = M.load_model
+
+    def reinitialised(model_dir, device="cpu"):
+        model, meta = real(model_dir, device)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)  # as if the weights were lost on the way
+        return model, meta
+
+    monkeypatch.setattr(M, "load_model", reinitialised)
+    path = _params(tmp_path, {"attr_outlier": TINY["attr_outlier"]})
+    assert main(["--params", str(path), "--image-size", "64", "--batch-size", "2", "--steps", "1"]) == 2
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("FAIL attr_outlier") and "predicts differently" in line

@@ -174,3 +174,73 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     assert all(f"`{v}`" in tables for v in VARIANTS)
     assert "Figure 8: not drawn" in tables and "![figure 7]" in tables and "Figure 9" not in tables
     assert (out / "plots" / "figure7_loss_comparison.png").is_file()
+
+
+# --------------------------------------------------------------------------- models checked before the manifest
+
+
+@pytest.fixture
+def offline_empty_caches(tmp_path, monkeypatch):
+    """An offline machine whose Hugging Face and torch hub caches are empty (HF_HUB_OFFLINE: nothing is tried)."""
+    import huggingface_hub.constants
+    import torch
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    return cache
+
+
+def _tiny_params(tmp_path: Path, model: dict) -> Path:
+    path = tmp_path / "over.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "model": {**TINY["model"], **model}}))
+    return path
+
+
+@pytest.mark.parametrize(("model", "needle"), [
+    ({"pretrained": True}, "weights of 'test_efficientnet' are not in the Hugging Face cache"),
+    ({"pretrained": True, "weights_file": "/nonexistent/w.safetensors"}, "no such file"),
+    ({"encoder": "no_such_encoder_xyz"}, "not a timm model"),
+])
+def test_models_that_cannot_start_stop_reproduce_before_the_manifest(tmp_path, capsys, offline_empty_caches,
+                                                                     model, needle):
+    import time
+
+    raw, work, out = tmp_path / "raw", tmp_path / "work", tmp_path / "out"
+    raw.mkdir()  # never read: the check comes first
+    argv = ["--raw", str(raw), "--out", str(out), "--work", str(work), "--params", str(REPO / "params.yaml"),
+            "--overrides", str(_tiny_params(tmp_path, model)), "--variants", ",".join(VARIANTS)]
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 30  # seconds, not the minutes of a manifest and a build per variant
+    err = capsys.readouterr().err
+    assert err.startswith(f"reproduce: variant {VARIANTS[0]}: ") and err.count("\n") == 1 and needle in err
+    assert not (work / "manifest").exists() and not out.exists()
+
+
+def test_check_models_names_the_variant_and_accepts_cached_weights(params, offline_empty_caches):
+    from lggseg.errors import ModelError
+    from lggseg.models.encoders import check_pretrained_weights
+    from lggseg.reproduce import check_models
+
+    pretrained = {**TINY, "model": {**TINY["model"], "pretrained": True}}
+    _, runs = effective_params(params, VARIANTS, pretrained)
+    with pytest.raises(ModelError, match=rf"^variant {VARIANTS[0]}: model.pretrained is true .* HF_HUB_OFFLINE"):
+        check_models(runs)
+    # the same weights in the cache (laid out as huggingface_hub does): found, nothing downloaded
+    import timm
+
+    repo = timm.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    folder = offline_empty_caches / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(b"weights")
+    check_models(runs)
+    assert check_pretrained_weights(runs[VARIANTS[0]].model).endswith("model.safetensors")
+    # random initialisation needs no weights at all
+    _, runs = effective_params(params, VARIANTS, TINY)
+    assert check_pretrained_weights(runs[VARIANTS[0]].model) is None
+    check_models(runs)

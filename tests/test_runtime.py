@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 
+import lggseg
 import lggseg.runtime as H
 from lggseg.config import ConfigError
 
@@ -140,8 +142,25 @@ def test_machine_facts_of_a_cpu(monkeypatch):
 
 def test_software_versions_name_the_libraries():
     v = H.software_versions()
-    assert v["torch"] == torch.__version__ and set(v) == {"python", "torch", "torch_cuda", "timm",
-                                                          "segmentation_models_pytorch"}
+    assert v["torch"] == torch.__version__ and set(v) == {"python", "lggseg", "torch", "torch_cuda", "timm",
+                                                          "segmentation_models_pytorch", "numpy",
+                                                          "albumentations", "dvclive"}
+    assert v["lggseg"] == lggseg.__version__ and v["numpy"] == np.__version__
+
+
+def test_software_versions_say_none_for_an_absent_optional_library(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+
+    def version(name):
+        if name == "dvclive":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    v = H.software_versions()
+    assert v["dvclive"] is None and v["timm"] == real("timm")
 
 
 def test_git_commit_is_none_outside_a_repository(tmp_path, monkeypatch):
@@ -150,8 +169,23 @@ def test_git_commit_is_none_outside_a_repository(tmp_path, monkeypatch):
     assert H.git_commit(tmp_path) is None
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     assert H.git_commit(tmp_path) is None  # a repository without a commit
+    monkeypatch.setattr(H, "COMMIT_FILE", tmp_path / "absent.txt")
     monkeypatch.setattr(H.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
     assert H.git_commit() is None
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("0123456789abcdef0123456789abcdef01234567\n", "0123456789abcdef0123456789abcdef01234567"),
+    ("not a commit\n", None),
+    ("", None),
+])
+def test_git_commit_falls_back_to_the_bundled_commit_file(tmp_path, monkeypatch, text, expected):
+    """A tree copied without .git (an offline GPU node) records the commit `make bundle` wrote."""
+    (tmp_path / "_commit.txt").write_text(text)
+    monkeypatch.setattr(H, "COMMIT_FILE", tmp_path / "_commit.txt")
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    assert H.git_commit() == expected
+    assert H.git_commit(tmp_path) is None  # another folder than the package's tree: never the bundled commit
 
 
 def test_git_commit_of_a_repository(tmp_path):

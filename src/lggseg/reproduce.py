@@ -4,7 +4,9 @@ into one small folder (issue #11, part 6); ``lggseg report DIR`` builds the tabl
 For a GPU lent for minutes, or anyone without DVC: the pipeline's steps with the pipeline's own
 functions, not a second pipeline. ``params.yaml`` with an ``--overrides`` YAML merged over it and the
 command-line settings (``--epochs``, ``--image-size``, ``--max-minutes``, ``--device``) is validated
-whole (every variant asked for, through the config dataclasses) before any work; then
+whole (every variant asked for, through the config dataclasses) before any work; so are, in seconds,
+every variant's network (built on the meta device) and its starting weights (:func:`check_models`: a
+``model.pretrained`` variant on an offline machine without cached weights stops here); then
 
 1. the manifest store, built by :func:`lggseg.data.manifest.build_manifest` (the ``manifest`` stage's
    function) in a work folder outside ``DIR`` (``--work``; a temporary folder by default);
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from lggseg.config import ConfigError, RunConfig, deep_merge, load_section, read_params, validate_all
-from lggseg.errors import DataError, LggsegError
+from lggseg.errors import DataError, LggsegError, ModelError
 from lggseg.reporting.folder import FolderWriter
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,42 @@ def _now() -> str:
 # --------------------------------------------------------------------------- the run
 
 
+_PROBE_ATTRIBUTES = 16  # the attribute width is known after the manifest; the networks build alike at any width
+
+
+def check_models(runs: Mapping[str, RunConfig]) -> None:
+    """Before any work (the manifest takes minutes): every variant's network builds and its starting
+    weights can be had, else one :class:`~lggseg.errors.ModelError` naming the variant.
+
+    The build is on the meta device (no memory, no weights; seconds for all variants); the weights are
+    checked by :func:`lggseg.models.encoders.check_pretrained_weights` (local file, cache, or a download
+    now). Variants with the same ``model`` section and image size are checked once.
+    """
+    import dataclasses
+
+    import torch
+
+    from lggseg.models import build_model
+    from lggseg.models.encoders import check_pretrained_weights
+
+    seen: set[str] = set()
+    for variant, run in runs.items():
+        key = repr((run.model, run.common.image_size))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_pretrained_weights(run.model, run.common.image_size)
+            with torch.device("meta"):
+                build_model(dataclasses.replace(run.model, pretrained=False, weights_file=None), _PROBE_ATTRIBUTES,
+                            run.common.image_size)
+        except LggsegError as exc:
+            raise type(exc)(f"variant {variant}: {' '.join(str(exc).split())}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to build is this variant's, said in one line
+            raise ModelError(f"variant {variant}: its network does not build: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:240]}") from None
+
+
 def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig],
               work: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
     """Manifest, training of ``runs`` at once, evaluation, the folder ``out``; returns ``environment.json``.
@@ -150,6 +188,7 @@ def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs:
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise DataError(f"--raw {raw}: no such folder (expected a kaggle_3m folder: case folders and data.csv)")
+    check_models(runs)  # seconds; a variant that cannot build fails before the manifest
     temp = work is None
     work = Path(tempfile.mkdtemp(prefix="lggseg-reproduce-")) if temp else Path(work)
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents:

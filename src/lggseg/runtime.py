@@ -152,13 +152,24 @@ def machine_facts(device: torch.device, bf16: bool | None = None) -> dict[str, A
     return facts
 
 
+# Distributions whose versions a result records (None: not installed). The optional ones say which
+# install ran: an offline GPU node has neither albumentations nor dvclive (pyproject's "pipeline" extra).
+_RECORDED_DISTRIBUTIONS = (
+    ("timm", "timm"), ("segmentation_models_pytorch", "segmentation-models-pytorch"), ("numpy", "numpy"),
+    ("albumentations", "albumentations"), ("dvclive", "dvclive"),
+)
+
+
 def software_versions() -> dict[str, str | None]:
-    """Versions of python, torch (and its CUDA build), timm and segmentation-models-pytorch."""
+    """Versions of python, lggseg, torch (and its CUDA build), timm, segmentation-models-pytorch, numpy
+    and the optional albumentations and dvclive (None where absent)."""
     from importlib import metadata
 
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
-                                  "torch_cuda": torch.version.cuda}
-    for key, dist_name in (("timm", "timm"), ("segmentation_models_pytorch", "segmentation-models-pytorch")):
+    from lggseg import __version__
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "lggseg": __version__,
+                                  "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    for key, dist_name in _RECORDED_DISTRIBUTIONS:
         try:
             out[key] = metadata.version(dist_name)
         except metadata.PackageNotFoundError:
@@ -166,17 +177,31 @@ def software_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` in ``cwd`` (the working directory by default); None outside a git repository.
+COMMIT_FILE = Path(__file__).with_name("_commit.txt")
+"""Written by ``make bundle`` (git-ignored): the commit of a tree copied without ``.git``."""
+_COMMIT = re.compile(r"[0-9a-f]{40,64}")
 
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` in ``cwd``; None outside a git repository.
+
+    Without ``cwd`` (the working directory: the code that runs) and outside a repository, the commit
+    that ``make bundle`` wrote to :data:`COMMIT_FILE`, for a tree that travelled without ``.git``.
     Never raises: a result without a commit is still a result.
     """
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        proc = None
+    if proc is not None and proc.returncode == 0 and _COMMIT.fullmatch(proc.stdout.strip()):
+        return proc.stdout.strip()
+    if cwd is not None:  # another folder (a workspace, a repository) than this package's source tree
         return None
-    commit = proc.stdout.strip()
-    return commit if proc.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+    try:
+        bundled = COMMIT_FILE.read_text().strip()
+    except OSError:
+        return None
+    return bundled if _COMMIT.fullmatch(bundled) else None
 
 
 def machine_record() -> dict[str, Any]:

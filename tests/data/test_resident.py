@@ -4,11 +4,13 @@ distribution, batches are a function of (seed, epoch), and evaluation mode equal
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lggseg.config import AugmentConfig
 from lggseg.data.dataset import SliceDataset, item_seed
@@ -345,3 +347,86 @@ def test_choose_data_path(monkeypatch, setting, device, free_gib, expected):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(free_gib * 2**30), int(80 * 2**30)))
     path, why = R.choose_data_path(setting, torch.device(device), 1000, 256, 30)
     assert path == expected and why.startswith("train.data_path")
+
+
+# --------------------------------------------------------------------------- no host data in the training step
+
+
+class _HostWatch(TorchDispatchMode):
+    """Records, while active, every tensor made from host data (``torch.tensor``, ``as_tensor``, ``from_numpy``,
+    ``asarray``: on CUDA a copy that the step waits for) and every value read back by the host (``.item()``,
+    ``float(t)``, ``bool(t)``, ``if t:``: on CUDA a sync)."""
+
+    FACTORIES = ("tensor", "as_tensor", "from_numpy", "asarray")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.active = False
+        for name in self.FACTORIES:
+            real = getattr(torch, name)
+            monkeypatch.setattr(torch, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def factory(*args, **kwargs):
+            if self.active:
+                self.seen.append(f"torch.{name}")
+            return real(*args, **kwargs)
+
+        return factory
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.lift_fresh):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_watch_sees_host_data_and_host_reads(monkeypatch):
+    watch = _HostWatch(monkeypatch)
+    with watch:
+        torch.ones(2) + 1  # device work only
+    assert watch.seen == []
+    with watch:
+        torch.as_tensor(np.zeros(3, np.float32))
+        torch.tensor([1.0, 2.0])
+        float(torch.ones(2).sum())
+    assert set(watch.seen) == {"torch.as_tensor", "torch.tensor", "aten.lift_fresh.default",
+                               "aten._local_scalar_dense.default"}
+
+
+@pytest.mark.parametrize("missing_sequence_p", [0.0, 0.5])
+def test_training_steps_on_resident_batches_take_no_host_data(monkeypatch, missing_sequence_p):
+    """The resident batch producer and :func:`lggseg.training.step.train_step` (fused Adam, the lease's
+    setting) neither make tensors from host data nor read device values, so on CUDA the host can queue
+    steps ahead of the device. The first step is outside the watch: Adam creates its state there."""
+    from lggseg.config import LossConfig, ModelConfig, TrainConfig
+    from lggseg.losses import CompoundLoss
+    from lggseg.models import build_model
+    from lggseg.training.step import adam, train_step
+
+    torch.manual_seed(0)
+    augment = dataclasses.replace(ALWAYS, missing_sequence_p=missing_sequence_p)
+    batches = ResidentBatches(_store(), np.arange(N), 64, CPU, 2, augment=augment, seed=1, shuffle=True)
+    model = build_model(ModelConfig(encoder="test_efficientnet", pretrained=False, decoder_channels=16,
+                                    attribute_hidden=8), A, 64)
+    optimizer = adam(model.parameters(), TrainConfig(fused_adam=True))
+    loss_fn = CompoundLoss(LossConfig(terms=["bce", "dice", "outlier"], gamma_warmup_epochs=0, gamma_ramp_epochs=0))
+
+    def step(batch):
+        return train_step(model, optimizer, loss_fn, batch["image"], batch["mask"], batch["attributes"], 1, False)
+
+    step(next(iter(batches)))
+    watch = _HostWatch(monkeypatch)
+    batches.set_epoch(1)
+    with watch:
+        totals = [step(batch)[1] for batch in batches]  # the producer runs inside: batches made as they are needed
+    assert watch.seen == []
+    assert len(totals) == 3 and all(torch.isfinite(t) for t in totals)

@@ -133,6 +133,25 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (x.double() * f.double() + partial.double()).float().clamp(0, 255).round()
 
 
+_CONSTANTS: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+
+def device_constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """The constant tensors of a batch on ``device``, copied from the host once per device and process:
+    a copy in every step would make each step wait for the host (no host data enters the step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = {
+            "mean": torch.as_tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
+            "std": torch.as_tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device),
+            "patterns": torch.tensor(MISSING_SEQUENCE_PATTERNS).to(device),
+            "channels": torch.arange(3).to(device),
+        }
+    return _CONSTANTS[device]
+
+
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
 
@@ -159,16 +178,16 @@ def augment_batch(x: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig,
     jitter, then with ``cfg.extra`` flip and affine). No host sync.
     """
     b, dev = x.shape[0], x.device
+    const = device_constants(dev)
     if cfg.missing_sequence_p > 0:  # drawn only when on, so the streams of runs without it stay as they were
         chosen = torch.rand(b, generator=gen, device=dev) < cfg.missing_sequence_p
         pattern = torch.randint(0, len(MISSING_SEQUENCE_PATTERNS), (b,), generator=gen, device=dev)
-        table = torch.tensor(MISSING_SEQUENCE_PATTERNS, device=dev)
-        replace = (chosen[:, None] & table[pattern])[:, :, None, None]
+        replace = (chosen[:, None] & const["patterns"][pattern])[:, :, None, None]
         x = torch.where(replace, x[:, 1:2].expand_as(x), x)
     # channel dropout: one of the three channels, uniformly, with probability channel_dropout_p
     drop = torch.rand(b, generator=gen, device=dev) < cfg.channel_dropout_p
     channel = torch.randint(0, 3, (b,), generator=gen, device=dev)
-    dropped = drop[:, None] & (channel[:, None] == torch.arange(3, device=dev)[None])
+    dropped = drop[:, None] & (channel[:, None] == const["channels"][None])
     x = x * (~dropped).to(x.dtype)[:, :, None, None]
     # colour jitter: per sample three factors and a random order of the three operations
     jitter = torch.rand(b, generator=gen, device=dev) < cfg.color_jitter_p
@@ -203,9 +222,8 @@ def augment_batch(x: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig,
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Float ``(B, 3, H, W)`` in [0, 255] -> x/255, then ImageNet mean/std (as :func:`lggseg.data.dataset.normalize_image`)."""
-    mean = torch.as_tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x / 255.0 - mean) / std
+    const = device_constants(x.device)
+    return (x / 255.0 - const["mean"]) / const["std"]
 
 
 # --------------------------------------------------------------------------- the batcher

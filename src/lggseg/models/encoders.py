@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -286,6 +288,81 @@ def _weights_file(cfg: ModelConfig, name: str, image_size: int) -> str | None:
     if cfg.weights_file:
         return str(check_weights_file(cfg.weights_file, name, image_size))
     return None
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub was told not to use the network (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_files(hf_hub_id: str, filename: str | None) -> tuple[str, str | None, tuple[str, ...]]:
+    """``(repo, revision, files timm tries in order)`` for a timm ``hf_hub_id`` (as timm's ``load_state_dict_from_hf``)."""
+    repo, _, revision = hf_hub_id.partition("@")
+    if not filename or filename == "pytorch_model.bin":
+        files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    elif filename.endswith(".bin"):  # timm looks for a safetensors twin first
+        files = (filename[: -len(".bin")] + ".safetensors", filename)
+    else:
+        files = (filename,)
+    return repo, revision or None, files
+
+
+def check_pretrained_weights(cfg: ModelConfig, image_size: int = 256) -> str | None:
+    """Make sure the weights ``cfg`` starts from can be had now, before any long work: ``model.weights_file``
+    checked (:func:`check_weights_file`), or timm's ImageNet weights of ``model.encoder`` in the local
+    cache (Hugging Face hub cache, or torch hub's for URL weights), else downloaded into it now (what the
+    model build would do). Returns where the weights are (None: ``model.pretrained`` is off).
+
+    Raises :class:`ModelError` in one line when they cannot be had: not cached and ``HF_HUB_OFFLINE``
+    set (no network tried), or the download failed (an offline node fails here in seconds, instead of
+    every variant failing at its build after the manifest).
+    """
+    if not cfg.pretrained:
+        return None
+    name = _timm_name(cfg.encoder)
+    if cfg.weights_file:
+        return str(check_weights_file(cfg.weights_file, name, image_size))
+    what = f"model.pretrained is true but timm's ImageNet weights of {name!r}"
+    fix = ("; set model.weights_file to a local timm state dict, or model.pretrained: false "
+           "(as params.gpu-lease.yaml does)")
+    pcfg = timm.get_pretrained_cfg(name)
+    hf_hub_id, url = (pcfg.hf_hub_id, pcfg.url) if pcfg is not None else (None, None)
+    if hf_hub_id:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+        repo, revision, files = _hub_files(hf_hub_id, pcfg.hf_hub_filename)
+        for file in files:
+            cached = try_to_load_from_cache(repo, file, revision=revision)
+            if isinstance(cached, str):
+                return cached
+        if _hub_offline():
+            raise ModelError(f"{what} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                             f"HF_HUB_OFFLINE is set{fix}")
+        try:
+            return hf_hub_download(repo, files[0], revision=revision)
+        except Exception as first:  # noqa: BLE001 - any failure means "no weights"; try timm's fallback file
+            if len(files) == 1:
+                raise ModelError(f"{what} could not be downloaded ({_short(first, 160)}){fix}") from None
+            try:
+                return hf_hub_download(repo, files[1], revision=revision)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"{what} could not be downloaded ({_short(exc, 160)}){fix}") from None
+    if url:
+        url, file = url if isinstance(url, tuple | list) else (url, Path(urlparse(url).path).name)
+        cached_file = Path(torch.hub.get_dir()) / "checkpoints" / file
+        if cached_file.is_file():
+            return str(cached_file)
+        try:
+            cached_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached_file), progress=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means "no weights"
+            raise ModelError(f"{what} are not in torch hub's cache ({cached_file.parent}) and could not be "
+                             f"downloaded ({_short(exc, 160)}){fix}") from None
+        return str(cached_file)
+    raise ModelError(f"{what} do not exist: timm has none for this model{fix}")
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -32,7 +32,7 @@ Time budget
 Checkpoints, resumption and outputs are those of ``train_variant`` for each run: a finished run is
 returned as stored, an interrupted one continues from its checkpoint, and ``result.json`` plus the
 model files are written in each run's folder as soon as that run finishes. One run's failure does
-not stop the others. Optional CUDA-graph capture of the step is not implemented.
+not stop the others.
 """
 
 from __future__ import annotations
