@@ -29,7 +29,7 @@ from lggseg.bench.timing import (
     time_interleaved,
 )
 from lggseg.config import LossConfig, TrainConfig
-from lggseg.runtime import cpu_bf16
+from lggseg.runtime import cpu_bf16, cpu_channels_last_unsafe
 from lggseg.training.step import StepSetup, applied, step_setup, train_step
 
 # --------------------------------------------------------------------------- the training step
@@ -42,12 +42,14 @@ def candidate_setups(train: TrainConfig, device: torch.device, bench: BenchParam
     setups = [StepSetup("baseline"), step_setup(train, device)]
     if not bench.candidates:
         return _unique(setups)
-    setups.append(StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda))
+    # channels_last crashed libtorch_cpu (issue 21): timed on a CPU only under LGGSEG_CPU_CHANNELS_LAST=unsafe
+    cl_ok = cuda or cpu_channels_last_unsafe()
+    if cl_ok:
+        setups.append(StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda))
     if bf16_ok:
-        setups += [
-            StepSetup("bf16", bf16=True, cudnn_benchmark=cuda),
-            StepSetup("bf16_channels_last", bf16=True, channels_last=True, cudnn_benchmark=cuda),
-        ]
+        setups.append(StepSetup("bf16", bf16=True, cudnn_benchmark=cuda))
+    if bf16_ok and cl_ok:
+        setups.append(StepSetup("bf16_channels_last", bf16=True, channels_last=True, cudnn_benchmark=cuda))
     if cuda and bench.compile:
         setups.append(StepSetup("bf16_channels_last_compile", bf16=bf16_ok, channels_last=True, compile=True,
                                 cudnn_benchmark=True))

@@ -34,7 +34,7 @@ from lggseg.config import (
     read_params,
 )
 from lggseg.errors import DataError
-from lggseg.runtime import cpu_bf16, cpu_name
+from lggseg.runtime import cpu_name, probe_cpu_bf16
 
 DATA_RATIO_TARGET = 1.5
 """The DataLoader must deliver at least this many times the images the training step consumes."""
@@ -210,7 +210,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
         )
     else:
-        info.update(name=info["cpu"], capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_bf16())
+        info.update(name=info["cpu"], capability=torch.backends.cpu.get_cpu_capability(), bf16=probe_cpu_bf16())
     return info
 
 
