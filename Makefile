@@ -25,10 +25,14 @@ laptop: install
 	$(BIN)/python -m lggseg.workspace --dest laptop --overrides params.laptop.yaml \
 		--set fetch.source=$(abspath $(DATA)) --targets evaluate@laptop
 
+# Tests marked bf16path follow LGGSEG_CPU_BF16 and run under both settings, so the bf16 and the float32
+# CPU paths are checked on either CPU type (bf16 is emulated, slower, where the CPU lacks it).
 test: install
 	$(BIN)/ruff check src stages tests experiments
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not bf16path"
+	LGGSEG_CPU_BF16=off $(BIN)/python -m pytest -m bf16path
+	LGGSEG_CPU_BF16=native $(BIN)/python -m pytest -m bf16path
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

@@ -1,4 +1,14 @@
-"""Shared fixtures: paths to the real LGG copy (skipped when absent) and small generated data."""
+"""Shared fixtures: paths to the real LGG copy (skipped when absent), small generated data, and the CPU
+bf16 set-up a test needs.
+
+A CPU with native bf16 (AVX512-BF16/AMX) trains under bf16 autocast, one without it in float32
+(:func:`lggseg.training.step.step_setup`), so a test whose assertions depend on the precision states its
+set-up: ``@pytest.mark.cpu_bf16("off")`` (or ``"native"``) sets ``LGGSEG_CPU_BF16`` for that test (and
+the subprocesses it starts), whatever the machine. A test marked ``bf16path`` instead follows the switch
+and asserts per precision; ``make test`` runs those once under ``LGGSEG_CPU_BF16=off`` and once under
+``=native``, so both code paths are checked on either machine type (bf16 is emulated where the CPU
+lacks it: slower, same code).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # LGGSEG_SHARED_LGG points a git worktree (whose ../shared is elsewhere) at the copy; tests only.
 SHARED_LGG = Path(os.environ.get("LGGSEG_SHARED_LGG") or REPO.parent / "shared" / "lgg")
+
+
+def pytest_report_header(config) -> str:
+    """Which CPU type and switch the run had (CI runs on both types); read without importing torch."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    return f"LGGSEG_CPU_BF16={os.environ.get('LGGSEG_CPU_BF16') or 'auto'}; this CPU has native bf16: {native}"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_bf16_marker(request, monkeypatch) -> None:
+    """``@pytest.mark.cpu_bf16("off" | "native" | "auto")``: the test runs under that ``LGGSEG_CPU_BF16``.
+
+    Every test runs without the unsafe channels_last opt-in of the caller's environment (tests set it themselves).
+    """
+    monkeypatch.delenv("LGGSEG_CPU_CHANNELS_LAST", raising=False)
+    marker = request.node.get_closest_marker("cpu_bf16")
+    if marker is not None:
+        from lggseg.runtime import CPU_BF16_ENV, CPU_BF16_SWITCHES
+
+        (switch,) = marker.args
+        assert switch in CPU_BF16_SWITCHES, switch
+        monkeypatch.setenv(CPU_BF16_ENV, switch)
 
 
 def shared_lgg_available() -> bool:

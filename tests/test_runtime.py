@@ -131,13 +131,84 @@ def test_a_device_is_returned_as_given():
     assert H.resolve_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
 
 
+@pytest.mark.cpu_bf16("auto")
 def test_machine_facts_of_a_cpu(monkeypatch):
     monkeypatch.setattr(H, "cpu_name", lambda: "AMD EPYC 9654")
-    monkeypatch.setattr(H, "cpu_bf16", lambda: {"supported": True, "native": True})
+    monkeypatch.setattr(H, "probe_cpu_bf16", lambda: {"supported": True, "native": True})
     assert H.machine_facts(torch.device("cpu"), bf16=True) == {
         "device": "cpu", "device_name": "AMD EPYC 9654", "cpu_name": "AMD EPYC 9654", "cpu_native_bf16": True,
         "bf16_autocast": True, "precision": "bf16 autocast"}
     assert H.machine_facts(torch.device("cpu"), bf16=False)["precision"] == "float32"
+
+
+def test_machine_facts_record_the_hardware_and_a_forced_switch(monkeypatch):
+    """A run under LGGSEG_CPU_BF16=native on a CPU without native bf16 says both (its bf16 was emulated)."""
+    monkeypatch.setattr(H, "probe_cpu_bf16", lambda: {"supported": False, "native": False})
+    monkeypatch.setenv("LGGSEG_CPU_BF16", "native")
+    facts = H.machine_facts(torch.device("cpu"), bf16=True)
+    assert (facts["cpu_native_bf16"], facts["cpu_bf16_switch"], facts["precision"]) == (False, "native", "bf16 autocast")
+
+
+# --------------------------------------------------------------------------- the CPU bf16 switch
+
+NO_BF16 = {"supported": False, "native": False}
+EMULATED = {"supported": True, "native": False}  # oneDNN runs bf16 without AVX512-BF16/AMX
+NATIVE = {"supported": True, "native": True}
+
+
+@pytest.mark.parametrize(
+    ("env", "probe", "expected"),
+    [
+        (None, NO_BF16, NO_BF16),  # unset: the probe
+        ("", NATIVE, NATIVE),
+        ("auto", EMULATED, EMULATED),
+        (" Auto ", NATIVE, NATIVE),  # case and spaces are forgiven
+        ("native", NO_BF16, NATIVE),  # torch emulates bf16 where the CPU lacks it
+        ("native", NATIVE, NATIVE),
+        ("off", NATIVE, EMULATED),  # the CPU still runs bf16, but it is not used as native
+        ("off", NO_BF16, NO_BF16),
+    ],
+)
+def test_cpu_bf16_follows_the_switch(monkeypatch, env, probe, expected):
+    monkeypatch.setattr(H, "probe_cpu_bf16", lambda: dict(probe))
+    if env is None:
+        monkeypatch.delenv("LGGSEG_CPU_BF16", raising=False)
+    else:
+        monkeypatch.setenv("LGGSEG_CPU_BF16", env)
+    assert H.cpu_bf16() == expected
+
+
+@pytest.mark.parametrize(("flags", "native"), [("fpu avx2 avx512f", False), ("avx512f avx512_bf16", True),
+                                                ("amx_bf16 amx_tile", True), (None, False)])
+def test_the_probe_reads_the_cpu_flags(monkeypatch, tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(H, "_CPUINFO", cpuinfo)
+    assert H.probe_cpu_bf16()["native"] is native
+
+
+def test_an_unknown_cpu_bf16_value_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("LGGSEG_CPU_BF16", "on")
+    with pytest.raises(ConfigError, match="LGGSEG_CPU_BF16 must be one of auto, native, off, got 'on'"):
+        H.cpu_bf16()
+
+
+@pytest.mark.parametrize(("value", "unsafe"), [(None, False), ("", False), ("off", False), ("unsafe", True),
+                                                ("UNSAFE", True)])
+def test_channels_last_on_a_cpu_needs_the_unsafe_opt_in(monkeypatch, value, unsafe):
+    if value is None:
+        monkeypatch.delenv("LGGSEG_CPU_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("LGGSEG_CPU_CHANNELS_LAST", value)
+    assert H.cpu_channels_last_unsafe() is unsafe
+
+
+@pytest.mark.cpu_bf16("native")
+def test_the_marker_sets_the_switch_for_the_test():
+    import os
+
+    assert os.environ["LGGSEG_CPU_BF16"] == "native" and H.cpu_bf16()["native"]
 
 
 def test_software_versions_name_the_libraries():

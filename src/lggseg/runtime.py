@@ -1,9 +1,13 @@
 """What the machine can do: the CPU's name and flags, bf16 support, and which device to use.
 
-Training (:mod:`lggseg.training.trainer`) turns bf16 autocast and channels_last on for a CPU only when it
-has native bf16 instructions (AVX512-BF16 or AMX): there they made the 256x256 training step of
-regnetz_040 1.8x faster on a 2-core AMD EPYC (``metrics/bench.json``), while emulated bf16
-is slower than float32. The benchmark (:mod:`lggseg.bench.run`) records the same facts with its numbers.
+Training (:mod:`lggseg.training.step`) turns bf16 autocast on for a CPU only when it has native bf16
+instructions (AVX512-BF16 or AMX), while emulated bf16 is slower than float32. The environment variable
+``LGGSEG_CPU_BF16`` (:func:`cpu_bf16_switch`) overrides that probe: ``auto`` (the default) probes,
+``native`` behaves as if the CPU had native bf16 (the bf16 code paths then run emulated, slowly, on any
+x86 CPU: how the tests exercise them on either machine type), ``off`` as if it had none. channels_last is
+not used on a CPU (libtorch_cpu crashed with SIGSEGV under it, issue 21) unless
+``LGGSEG_CPU_CHANNELS_LAST=unsafe`` (:func:`cpu_channels_last_unsafe`). The benchmark
+(:mod:`lggseg.bench.run`) records the same facts with its numbers.
 
 :func:`resolve_device` is the one reading of ``common.device`` (auto | cpu | cuda) for training,
 evaluation, prediction and the benchmark. The paper trained on an NVIDIA GPU (section 4.1.3); a
@@ -57,14 +61,51 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def cpu_bf16() -> dict[str, bool]:
-    """Whether oneDNN runs bf16 on this CPU, and whether natively (AVX512-BF16 / AMX) or emulated."""
+CPU_BF16_ENV = "LGGSEG_CPU_BF16"
+CPU_BF16_SWITCHES = ("auto", "native", "off")
+CPU_CHANNELS_LAST_ENV = "LGGSEG_CPU_CHANNELS_LAST"
+
+
+def cpu_bf16_switch() -> str:
+    """``LGGSEG_CPU_BF16``: ``auto`` (unset or empty: probe the CPU), ``native`` or ``off``; else a ConfigError."""
+    value = os.environ.get(CPU_BF16_ENV, "").strip().lower() or "auto"
+    if value not in CPU_BF16_SWITCHES:
+        raise ConfigError(f"{CPU_BF16_ENV} must be one of {', '.join(CPU_BF16_SWITCHES)}, got {value!r}")
+    return value
+
+
+def probe_cpu_bf16() -> dict[str, bool]:
+    """What this CPU itself does: whether oneDNN runs bf16 on it, and whether natively (AVX512-BF16 / AMX)."""
     native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     try:
         supported = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         supported = native
     return {"supported": supported or native, "native": native}
+
+
+def cpu_bf16() -> dict[str, bool]:
+    """Whether to treat this CPU as running bf16 (``supported``) and natively (``native``): the probe
+    (:func:`probe_cpu_bf16`) unless ``LGGSEG_CPU_BF16`` says ``native`` (both true: torch emulates bf16
+    where the CPU lacks it) or ``off`` (not native)."""
+    switch = cpu_bf16_switch()
+    if switch == "native":
+        return {"supported": True, "native": True}
+    probe = probe_cpu_bf16()
+    return {**probe, "native": False} if switch == "off" else probe
+
+
+def cpu_channels_last_unsafe() -> bool:
+    """Whether ``LGGSEG_CPU_CHANNELS_LAST=unsafe`` allows channels_last on a CPU (unset, empty, ``off``: no).
+
+    Unsafe: with it, libtorch_cpu crashed the process (SIGSEGV / general-protection fault) on a 2-core
+    AMD EPYC with AVX512-BF16, for bf16 autocast over several encoders and for repvgg_b2 also in float32
+    (issue 21); without it 0 crashes at the same speed. Any other value is a ConfigError.
+    """
+    value = os.environ.get(CPU_CHANNELS_LAST_ENV, "").strip().lower()
+    if value not in ("", "off", "unsafe"):
+        raise ConfigError(f"{CPU_CHANNELS_LAST_ENV} must be 'unsafe' (or unset/off), got {value!r}")
+    return value == "unsafe"
 
 
 # --------------------------------------------------------------------------- devices
@@ -138,14 +179,17 @@ def _resolve_name(name: str, local_rank: int | None) -> torch.device:
 
 
 def machine_facts(device: torch.device, bf16: bool | None = None) -> dict[str, Any]:
-    """Where a result was made: device type and name (GPU name or CPU model), native CPU bf16, bf16 autocast."""
+    """Where a result was made: device type and name (GPU name or CPU model), native CPU bf16 (and
+    ``LGGSEG_CPU_BF16`` when it is not ``auto``), bf16 autocast."""
     facts: dict[str, Any] = {"device": device.type}
     if device.type == "cuda":
         facts["device_name"] = torch.cuda.get_device_name(device)
     else:
         facts["device_name"] = cpu_name()
     facts["cpu_name"] = cpu_name()
-    facts["cpu_native_bf16"] = cpu_bf16()["native"]
+    facts["cpu_native_bf16"] = probe_cpu_bf16()["native"]  # the hardware, whatever LGGSEG_CPU_BF16 says
+    if cpu_bf16_switch() != "auto":
+        facts["cpu_bf16_switch"] = cpu_bf16_switch()
     if bf16 is not None:
         facts["bf16_autocast"] = bool(bf16)
         facts["precision"] = "bf16 autocast" if bf16 else "float32"

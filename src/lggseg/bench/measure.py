@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lggseg.config import LossConfig, TrainConfig
-from lggseg.runtime import cpu_bf16, cpu_name
+from lggseg.runtime import cpu_bf16, cpu_channels_last_unsafe, cpu_name, probe_cpu_bf16
 from lggseg.training.step import StepSetup, applied, step_setup, train_step
 
 FLAT_RATIO_LIMIT = 2.0
@@ -54,7 +54,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info.update(name=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     memory_gib=round(props.total_memory / 2**30, 1), bf16=bool(torch.cuda.is_bf16_supported()))
     else:
-        info.update(name=info["cpu"], capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_bf16())
+        info.update(name=info["cpu"], capability=torch.backends.cpu.get_cpu_capability(), bf16=probe_cpu_bf16())
     return info
 
 
@@ -106,13 +106,18 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: torch.device,
 
 def candidate_setups(train: TrainConfig, device: torch.device) -> list[StepSetup]:
     """The plain float32 baseline, ours (:func:`step_setup`) and channels_last / bf16 / both alone (bf16
-    only where the device computes it); set-ups with the same knobs are timed once (first name wins)."""
+    only where the device computes it; channels_last on a CPU only under ``LGGSEG_CPU_CHANNELS_LAST=unsafe``,
+    since it crashed libtorch_cpu, issue #21); set-ups with the same knobs are timed once (first name wins)."""
     cuda = device.type == "cuda"
-    setups = [StepSetup("baseline"), step_setup(train, device),
-              StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda)]
-    if (torch.cuda.is_bf16_supported() if cuda else cpu_bf16()["supported"]):
-        setups += [StepSetup("bf16", bf16=True, cudnn_benchmark=cuda),
-                   StepSetup("bf16_channels_last", bf16=True, channels_last=True, cudnn_benchmark=cuda)]
+    channels_last = cuda or cpu_channels_last_unsafe()
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_bf16()["supported"]
+    setups = [StepSetup("baseline"), step_setup(train, device)]
+    if channels_last:
+        setups.append(StepSetup("channels_last", channels_last=True, cudnn_benchmark=cuda))
+    if bf16:
+        setups.append(StepSetup("bf16", bf16=True, cudnn_benchmark=cuda))
+    if bf16 and channels_last:
+        setups.append(StepSetup("bf16_channels_last", bf16=True, channels_last=True, cudnn_benchmark=cuda))
     unique: dict[tuple, StepSetup] = {}
     for s in setups:
         unique.setdefault(s.knobs(), s)

@@ -261,8 +261,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     num_workers: int = 4
-    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
-    channels_last: bool = True  # on CUDA; on CPU together with bf16 only (see lggseg.training.step.step_setup)
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX; env LGGSEG_CPU_BF16)
+    channels_last: bool = True  # on CUDA; on CPU only with LGGSEG_CPU_CHANNELS_LAST=unsafe (see step_setup)
     compile: bool = False  # torch.compile on CUDA
     cpu_threads: int = 0  # 0: leave torch's default
     log_every: int = 20  # steps between host syncs for logging

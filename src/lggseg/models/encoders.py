@@ -322,7 +322,7 @@ def check_pretrained_weights(cfg: ModelConfig, image_size: int = 256) -> str | N
     """
     if not cfg.pretrained:
         return None
-    name = _timm_name(cfg.encoder)
+    name = timm_name(cfg.encoder)
     if cfg.weights_file:
         return str(check_weights_file(cfg.weights_file, name, image_size))
     what = f"model.pretrained is true but timm's ImageNet weights of {name!r}"

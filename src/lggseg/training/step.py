@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lggseg.config import TrainConfig
-from lggseg.runtime import cpu_bf16
+from lggseg.runtime import cpu_bf16, cpu_channels_last_unsafe
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,18 @@ def step_setup(cfg: TrainConfig, device: torch.device) -> StepSetup:
     CUDA: bf16 autocast (``train.amp``), channels_last, optional ``torch.compile`` and cuDNN
     autotuning (fixed input size); bitwise repeatability is traded for speed.
     CPU: deterministic algorithms, so that a CPU run, and a resumed one, repeats exactly. bf16
-    autocast and channels_last only on CPUs with native bf16 (AVX512-BF16 or AMX), where together
-    they made the 256x256 step of regnetz_040 1.8x faster (metrics/bench.json); emulated bf16 is slower than float32,
-    and channels_last alone was slower at 64x64.
+    autocast only on CPUs with native bf16 (AVX512-BF16 or AMX; ``LGGSEG_CPU_BF16`` overrides the probe,
+    see :func:`lggseg.runtime.cpu_bf16`): emulated bf16 is slower than float32. No channels_last:
+    with bf16 it crashed libtorch_cpu (SIGSEGV in 2 of 2 preflights over all variants at 128 px, and in
+    2 of 9 for repvgg_b2 alone, on an AVX512-BF16 EPYC), and in float32 for repvgg_b2; without it bf16
+    ran as fast with 0 crashes in 5 (issue 21). ``LGGSEG_CPU_CHANNELS_LAST=unsafe`` brings it back
+    (with ``train.channels_last`` and native bf16, as before), at that risk.
     """
     if device.type == "cuda":
         return StepSetup("ours", bf16=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
                          cudnn_benchmark=True)
-    native = cpu_bf16()["native"]
-    return StepSetup("ours", bf16=cfg.amp and native, channels_last=cfg.channels_last and cfg.amp and native,
+    bf16 = cfg.amp and cpu_bf16()["native"]
+    return StepSetup("ours", bf16=bf16, channels_last=cfg.channels_last and bf16 and cpu_channels_last_unsafe(),
                      deterministic=True, threads=cfg.cpu_threads)
 
 
