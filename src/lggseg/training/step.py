@@ -55,9 +55,10 @@ def step_setup(cfg: TrainConfig, device: torch.device) -> StepSetup:
     autocast only on CPUs with native bf16 (AVX512-BF16 or AMX; ``LGGSEG_CPU_BF16`` overrides the probe,
     see :func:`lggseg.runtime.cpu_bf16`): emulated bf16 is slower than float32. No channels_last:
     with bf16 it crashed libtorch_cpu (SIGSEGV in 2 of 2 preflights over all variants at 128 px, and in
-    2 of 9 for repvgg_b2 alone, on an AVX512-BF16 EPYC), and in float32 for repvgg_b2; without it bf16
-    ran as fast with 0 crashes in 5 (issue 21). ``LGGSEG_CPU_CHANNELS_LAST=unsafe`` brings it back
-    (with ``train.channels_last`` and native bf16, as before), at that risk.
+    2 of 9 for repvgg_b2 alone, on an AVX512-BF16 EPYC), and in float32 for repvgg_b2 (oneDNN's 1x1
+    stride-2 weight gradient over 3 channels in NHWC, uxlfoundation/oneDNN#6035; docs/cpu-bf16.md);
+    without it bf16 ran as fast with 0 crashes in 5 (issue 21). ``LGGSEG_CPU_CHANNELS_LAST=unsafe``
+    brings it back (with ``train.channels_last`` and native bf16, as before), at that risk.
     """
     if device.type == "cuda":
         return StepSetup("ours", bf16=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
