@@ -3,7 +3,7 @@
 Used to choose the laptop recipe (``params.laptop.yaml``, README "No GPU? Train on a laptop"); it
 is not a step of the paper's pipeline. An *arm* is a set of params overrides (the same keys as
 ``params.yaml``) merged over a base profile; every arm trains the base's one variant through
-:func:`lggseg.training.session.train_variant` (the code the ``train`` stage runs) on one manifest store and is
+:func:`lggseg.training.train_variant` (the code the ``train`` stage runs) on one manifest store and is
 then scored by :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's code) on the
 **validation** split, with and without test-time flips, and on the test split.
 
@@ -74,7 +74,7 @@ def _flat(prefix: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
 def run_arm(name: str, params: Mapping[str, Any], variant: str, store_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Train and score one arm; returns its ablation row."""
     from lggseg.evaluation.evaluate import evaluate_model
-    from lggseg.training.session import train_variant
+    from lggseg.training import train_variant
 
     run = resolve_variant(params, variant)
     cfg, post = load_section("evaluate", params), load_section("postprocess", params)

@@ -12,7 +12,7 @@ from test_train import SEED, tiny_run
 
 import lggseg.training.trainer as train_mod
 from lggseg.config import ConfigError, TrainConfig
-from lggseg.training.session import train_variant
+from lggseg.training import train_variant
 from lggseg.training.step import lr_factor
 
 
@@ -74,15 +74,14 @@ class _Clock:
 def fake_epochs(monkeypatch):
     """Make every epoch last exactly ``seconds`` on the trainer's clock; returns a setter."""
     clock = _Clock(0.0)
-    real_train_steps = train_mod._Trainer.train_steps
+    real_validate = train_mod.Trainer.validate
 
-    def train_steps(self, epoch):  # an epoch's steps are a generator (lggseg.training.concurrent interleaves them)
-        out = yield from real_train_steps(self, epoch)
+    def validate(self, epoch):  # once per epoch, between its clock's start and end
         clock.t += clock.epoch_seconds
-        return out
+        return real_validate(self, epoch)
 
     monkeypatch.setattr(train_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
 
     def set_seconds(seconds: float) -> None:
         clock.epoch_seconds = seconds
@@ -114,14 +113,13 @@ def test_a_slowdown_after_the_plan_stops_before_overrunning(store_dir, tmp_path,
     """First epoch 30 s (plan: 4 of 6 in 2 min), then the machine gets busy: epoch 2 takes 60 s, so a
     third (judged at 60 s) would end at 150 s > 120 s: training stops after 2."""
     times = iter([30.0, 60.0, 60.0, 60.0])
-    real = train_mod._Trainer.train_steps
+    real = train_mod.Trainer.validate
 
-    def train_steps(self, epoch):
-        out = yield from real(self, epoch)
+    def validate(self, epoch):
         train_mod.time.perf_counter.t += next(times)
-        return out
+        return real(self, epoch)
 
-    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
     result = train_variant(tiny_run(epochs=6, max_minutes=2), store_dir, tmp_path / "seed", SEED)
     assert result["epochs_done"] == 2
     assert "reached after 2 of 6" in result["stop_reason"]
@@ -139,9 +137,9 @@ def test_the_cosine_schedule_is_applied_per_step(store_dir, tmp_path):
 
 
 def test_budget_and_schedule_are_part_of_the_run_identity(store_dir):
-    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
+    from lggseg.training.checkpoint import run_fingerprint, store_fingerprint
 
-    data = _store_fingerprint(store_dir)
+    data = store_fingerprint(store_dir)
     base = run_fingerprint(tiny_run(), SEED, data)
     assert run_fingerprint(tiny_run(max_minutes=5), SEED, data) != base
     assert run_fingerprint(tiny_run(lr_schedule="cosine"), SEED, data) != base
@@ -167,11 +165,11 @@ def test_empty_slice_fraction_shortens_epochs_and_stays_deterministic(store_dir,
 
 
 def test_epoch_slices_caps_the_steps_of_an_epoch(store_dir, tmp_path):
-    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
+    from lggseg.training.checkpoint import run_fingerprint, store_fingerprint
 
     result = train_variant(tiny_run(epochs=1, epoch_slices=8), store_dir, tmp_path / "cut", SEED)
     assert round(result["images_per_second"] * result["train_seconds"]) == 8  # two steps of batch 4
-    data = _store_fingerprint(store_dir)
+    data = store_fingerprint(store_dir)
     assert run_fingerprint(tiny_run(epoch_slices=8), SEED, data) != run_fingerprint(tiny_run(), SEED, data)
     assert run_fingerprint(tiny_run(epoch_slices=None), SEED, data) == run_fingerprint(tiny_run(), SEED, data)
     for bad in (0, 3, 2.5, "all"):  # below batch_size 4, or not an integer

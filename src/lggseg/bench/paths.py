@@ -16,7 +16,7 @@ reported, and the one-time cost of making the split resident apart (``resident_l
 **Concurrent variants** (:func:`bench_concurrent`): two variants (the benchmarked model with every
 loss term of eq. 13, and with BCE alone: Table 2's first and last rows) trained for
 ``bench.concurrent_epochs`` on a synthetic store of ``bench.concurrent_cases`` cases on the resident
-path: first one after another with :func:`lggseg.training.session.train_variant`, then at once with
+path: first one after another with :func:`lggseg.training.train_variant`, then at once with
 :func:`lggseg.training.concurrent.train_variants`; the wall times (store opening, data loading, training and
 validation, everything a call does), their ratio, and on the CPU whether the results agree bit for
 bit (they must; on CUDA the runs are not deterministic). Before the timing each model takes one
@@ -182,8 +182,7 @@ def bench_concurrent(cfg: Any, device: torch.device) -> dict[str, Any]:
     from lggseg.data.manifest import build_manifest
     from lggseg.data.store import load_store
     from lggseg.data.synthetic import generate_demo
-    from lggseg.training.concurrent import train_variants
-    from lggseg.training.session import train_variant
+    from lggseg.training import train_variant, train_variants
 
     size = cfg.common.image_size if device.type == "cuda" else cfg.bench.concurrent_cpu_size
     runs = concurrent_runs(cfg, device, size)
