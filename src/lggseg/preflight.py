@@ -78,7 +78,7 @@ def _peak_rss_mib() -> float:
 def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: int, steps: int) -> Outcome:
     """Build ``run``'s model with random weights on ``device`` and take ``steps`` training steps and one evaluation batch."""
     from lggseg.inference import infer_probabilities
-    from lggseg.losses import CompoundLoss
+    from lggseg.losses import CompoundLoss, full_gamma_epoch
     from lggseg.models import build_model
     from lggseg.training.step import adam, applied, step_setup, train_step
 
@@ -97,8 +97,8 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
             model = build_model(model_cfg, N_ATTRIBUTES, image_size).to(device, memory_format=memory_format)
             net = torch.compile(model) if setup.compile else model
             optimizer = adam(model.parameters(), run.train)
-            loss_fn = CompoundLoss(run.loss).to(device)
-            epoch = run.loss.gamma_warmup_epochs + run.loss.gamma_ramp_epochs  # the outlier term at full weight
+            loss_fn = CompoundLoss(run.loss, run.train.epochs).to(device)
+            epoch = full_gamma_epoch(run.loss, run.train.epochs)  # the outlier term at full weight
             x, y, a = _synthetic(batch, image_size, device)
             x = x.contiguous(memory_format=memory_format)
             attrs = a if run.model.attributes else None

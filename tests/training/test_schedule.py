@@ -97,6 +97,36 @@ def test_budget_plans_epochs_after_the_first(store_dir, tmp_path, fake_epochs):
     assert result["max_minutes"] == 2.5
 
 
+def test_the_plan_is_remade_after_every_epoch(store_dir, tmp_path, fake_epochs, monkeypatch):
+    """A first epoch of 100 s (warm-up costs), then 20 s each, budget 5 min: the plan after epoch 1 is
+    3 of 6 (300 s at 100 s), after epoch 2 (estimate 20 s, 180 s left) all 6 fit, and all 6 run."""
+    times = iter([100.0] + [20.0] * 5)
+    real = train_mod.Trainer.validate
+
+    def validate(self, epoch):
+        train_mod.time.perf_counter.t += next(times)
+        return real(self, epoch)
+
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
+    plans = []
+    plan = train_mod.Trainer.plan
+    monkeypatch.setattr(train_mod.Trainer, "plan", lambda self: plan(self) or plans.append(self.state.planned_epochs))
+    result = train_variant(tiny_run(epochs=6, max_minutes=5), store_dir, tmp_path / "seed", SEED)
+    assert plans == [3, 6, 6, 6, 6, 6]  # after each epoch (after the last there is nothing left to plan)
+    assert result["epochs_done"] == 6 and result["stop_reason"] == "completed"
+
+
+@pytest.mark.parametrize(("loss", "gammas"), [({"gamma_warmup_epochs": 3}, [0.0, 0.0, 0.0]),
+                                             ({"gamma_warmup_fraction": 0.5, "gamma_ramp_fraction": 0.0}, [0.0, 1.0, 1.0])])
+def test_a_gamma_schedule_in_fractions_follows_the_plan(store_dir, tmp_path, fake_epochs, loss, gammas):
+    """6 epochs planned, 3 fit the budget (50 s each, 2.5 min): a warm-up of 3 epochs never ends, half of the
+    plan does (3 epochs of 6 while epoch 1 trains, 1 of 3 after the plan is cut)."""
+    fake_epochs(50.0)
+    result = train_variant(tiny_run(epochs=6, max_minutes=2.5, loss=loss), store_dir, tmp_path / "seed", SEED)
+    assert [row["gamma"] for row in result["history"]] == gammas
+    assert result["gamma_reached_full"] is (gammas[-1] == 1.0)
+
+
 def test_without_budget_every_epoch_runs(store_dir, tmp_path, fake_epochs):
     fake_epochs(1000.0)
     result = train_variant(tiny_run(epochs=2), store_dir, tmp_path / "seed", SEED)

@@ -245,8 +245,10 @@ def test_train_stage_rejects_a_config_of_another_variant(tmp_path, store_dir):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path, store_dir):
+    """Two processes, with a time budget: after epoch 1 the plan is broadcast from rank 0 (a host tensor on
+    gloo; on NCCL the same call takes a device tensor), and both ranks go on to epoch 2 together."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_run(epochs=1).to_dict()))
+    cfg.write_text(yaml.safe_dump(tiny_run(epochs=2, max_minutes=60).to_dict()))
     out = tmp_path / "models"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["--variant", "regnet_attr_bce_dice_outlier", "--config", str(cfg), "--data", str(store_dir), "--out", str(out)]
@@ -254,8 +256,9 @@ def test_ddp_two_gloo_processes(tmp_path, store_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((out / f"seed_{SEED}" / "result.json").read_text())
     assert result["world_size"] == 2 and 0 <= result["best_val_dice"] <= 1
+    assert (result["max_minutes"], result["epochs_done"], result["stop_reason"]) == (60, 2, "completed")
     assert (out / f"seed_{SEED}" / "model.safetensors").is_file() and (out / "summary.json").is_file()
-    assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 1  # rank 0 alone logged
+    assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 2  # rank 0 alone logged
 
 
 # --------------------------------------------------------------------------- the training step

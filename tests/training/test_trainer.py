@@ -26,8 +26,10 @@ from lggseg.training import train_variant
 from lggseg.training.checkpoint import CHECKPOINT_DIR, cpu_copy
 from lggseg.training.trainer import slice_dice_sums
 
-# keys that depend on the clock or the machine, not on what was trained
-UNPINNED = ("wall_seconds", "train_seconds", "seconds_per_epoch", "images_per_second", "hardware", "software")
+# keys that depend on the clock or the machine, not on what was trained; and keys added after the pin
+# (issues #20/#21: gamma_max, gamma_reached_full; their values are tested below)
+UNPINNED = ("wall_seconds", "train_seconds", "seconds_per_epoch", "images_per_second", "hardware", "software",
+            "gamma_max", "gamma_reached_full")
 
 
 def pinned_runs():
@@ -161,6 +163,31 @@ def test_without_the_outlier_term_every_epoch_counts(store_dir, tmp_path, monkey
     result = train_variant(run, store_dir, tmp_path / "seed_5", SEED)
     assert (result["best_epoch"], result["best_epoch_gamma"]) == (1, 0.0)
     assert result["selection_rule"].endswith("over all epochs (no outlier term)")
+
+
+@pytest.mark.parametrize(
+    ("loss", "gammas", "reached"),
+    [
+        ({"gamma_warmup_epochs": 5}, [0.0, 0.0], False),  # 5 warm-up epochs in a run of 2
+        ({"gamma_warmup_fraction": 0.5, "gamma_ramp_fraction": 0.0}, [0.0, 1.0], True),  # half of the 2 planned
+        ({"terms": ("bce", "dice")}, [0.0, 0.0], None),  # no outlier term: nothing to reach
+    ],
+)
+def test_a_run_records_whether_it_reached_full_gamma(store_dir, tmp_path, caplog, loss, gammas, reached):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="lggseg.training")
+    out = tmp_path / "seed_5"
+    run = tiny_run(2)
+    run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, **loss))
+    result = train_variant(run, store_dir, out, SEED)
+    assert [row["gamma"] for row in result["history"]] == gammas
+    assert result["gamma_reached_full"] is reached
+    assert result["gamma_max"] == (None if reached is None else max(gammas))
+    meta = json.loads((out / "model.json").read_text())
+    assert (meta["gamma_reached_full"], meta["gamma_max"]) == (result["gamma_reached_full"], result["gamma_max"])
+    warned = [r.message for r in caplog.records if "never reached loss.gamma" in r.message]
+    assert len(warned) == (reached is False)
 
 
 # --------------------------------------------------------------------------- checkpoints during the loop

@@ -179,6 +179,7 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU copies
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)  # wall seconds of each epoch (the budget's estimate)
     train_images: int = 0
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -187,7 +188,7 @@ class TrainState:
 
 # TrainState fields kept in state.json (the tensors go to safetensors files)
 _RECORD = ("epoch", "planned_epochs", "stop_reason", "history", "best_val_dice", "best_epoch", "train_seconds",
-           "wall_seconds", "train_images")
+           "wall_seconds", "epoch_seconds", "train_images")
 
 
 class Checkpoint:
@@ -213,7 +214,7 @@ class Checkpoint:
             tensors = load_file(str(self.dir / record["files"]["state"]))
             best = load_file(str(self.dir / record["files"]["best"])) if record["files"]["best"] else {}
             return TrainState(
-                **{k: record[k] for k in _RECORD},
+                **{k: record[k] for k in _RECORD if k in record},  # epoch_seconds: absent before #20
                 best_weights=best,
                 model=_strip("model.", tensors),
                 optimizer=_unflatten_optimizer(tensors, record["optimizer"]),

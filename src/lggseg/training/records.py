@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lggseg.config import RunConfig
+from lggseg.config import LossConfig, RunConfig
 from lggseg.io import write_json, write_text, write_yaml
+from lggseg.losses import full_gamma_epoch
 from lggseg.runtime import DistInfo, machine_facts, software_versions
 from lggseg.training.checkpoint import TrainState
 
@@ -101,14 +102,38 @@ class _FileLog:
         pass
 
 
-def run_result(run: RunConfig, seed: int, fingerprint: str, s: TrainState, selection_rule: str, data_path: str,
-               info: DistInfo, bf16: bool) -> dict[str, Any]:
-    """The content of ``result.json`` of a finished run in state ``s`` (a best epoch selected)."""
+def selection_rule(loss: LossConfig, s: TrainState, epochs: int) -> str:
+    """How ``s.best_epoch`` was chosen, in words: by validation Dice, among the epochs trained at the full
+    outlier weight if the run has the term; the last epoch if none was (``epochs``: ``train.epochs``)."""
+    rule = "best val/dice (slice mean at the model's resolution, empty/empty = 1)"
+    if "outlier" not in loss.terms:
+        return f"{rule} over all epochs (no outlier term)"
+    gamma = float(loss.gamma)
+    full = [row["epoch"] for row in s.history if row["gamma"] == gamma]
+    if s.best_epoch in full:
+        return f"{rule} among the epochs at the full outlier weight gamma={gamma:g} (epoch {full[0]} on)"
+    first = full_gamma_epoch(loss, s.planned_epochs) + 1
+    reached = f"not before epoch {first}" if first <= epochs else "never within train.epochs"
+    return (f"last epoch: no trained epoch reached the full outlier weight gamma={gamma:g} ({reached}), "
+            f"so the best-validation rule could not apply")
+
+
+def run_result(run: RunConfig, seed: int, fingerprint: str, s: TrainState, data_path: str, info: DistInfo,
+               bf16: bool) -> dict[str, Any]:
+    """The content of ``result.json`` of a finished run in state ``s`` (a best epoch selected).
+
+    With the outlier term, ``gamma_max`` is the largest outlier weight any epoch trained with and
+    ``gamma_reached_full`` whether that was ``loss.gamma`` (None without the term): a false one means
+    the model is not the variant it names, however it scores.
+    """
+    outlier = "outlier" in run.loss.terms
     return {
         "variant": run.variant, "seed": seed, "fingerprint": fingerprint,
         "best_epoch": s.best_epoch, "best_val_dice": s.best_val_dice,
         "best_epoch_gamma": s.history[s.best_epoch - 1]["gamma"] if s.best_epoch else None,
-        "selection_rule": selection_rule,
+        "selection_rule": selection_rule(run.loss, s, run.train.epochs),
+        "gamma_max": max(row["gamma"] for row in s.history) if outlier else None,
+        "gamma_reached_full": any(row["gamma"] == float(run.loss.gamma) for row in s.history) if outlier else None,
         "epochs": run.train.epochs, "epochs_done": s.epoch, "epochs_planned": s.planned_epochs,
         "stop_reason": s.stop_reason, "max_minutes": run.train.max_minutes,
         "final": s.history[-1], "history": s.history,
@@ -134,6 +159,6 @@ def model_meta(run: RunConfig, seed: int, attribute_names: list[str], n_attribut
         **{k: result[k] for k in ("best_epoch", "best_val_dice", "epochs", "epochs_done", "stop_reason",
                                   "wall_seconds", "train_seconds", "images_per_second", "fingerprint")},
         # provenance that evaluation copies into metrics/<variant>.json
-        **{k: result[k] for k in ("best_epoch_gamma", "selection_rule", "epochs_planned", "max_minutes", "device",
-                                  "world_size", "hardware", "software", "pretrained")},
+        **{k: result[k] for k in ("best_epoch_gamma", "selection_rule", "gamma_max", "gamma_reached_full", "epochs_planned",
+                                  "max_minutes", "device", "world_size", "hardware", "software", "pretrained")},
     }

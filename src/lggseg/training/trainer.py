@@ -39,7 +39,7 @@ from lggseg.errors import TrainingError
 from lggseg.io import write_json
 from lggseg.runtime import DistInfo, all_sum, barrier, init_distributed
 from lggseg.training.batches import make_batches
-from lggseg.training.budget import plan_epochs
+from lggseg.training.budget import epoch_estimate, plan_epochs
 from lggseg.training.checkpoint import (
     RESULT_FILE,
     Checkpoint,
@@ -107,7 +107,7 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # per-GPU batches are small
         self.model = model
         self.optimizer = adam(model.parameters(), self.cfg)
-        self.loss_fn = CompoundLoss(run.loss).to(info.device)
+        self.loss_fn = CompoundLoss(run.loss, self.cfg.epochs).to(info.device)
         self.net: nn.Module = torch.compile(model) if setup.compile else model
         self.train_net: nn.Module = self.net
         if info.distributed:
@@ -120,6 +120,7 @@ class Trainer:
         self.state = TrainState(planned_epochs=self.cfg.epochs)
         if state is not None:
             self.restore(state)
+        self.loss_fn.planned_epochs = self.state.planned_epochs  # a gamma schedule in fractions follows the plan
         self.best_unsaved = False  # best weights newer than the checkpoint's (train.checkpoint_every > 1)
         self.batches: Any = None  # the running epoch's batch iterator; None between epochs
         self.checkpoint = Checkpoint(out_dir, fingerprint)
@@ -205,7 +206,7 @@ class Trainer:
         row.update({f"train/loss_{k}": float(v) / n for k, v in zip(names, part_sums, strict=True)})  # unweighted eq. 13 terms
         if not math.isfinite(row["train/loss"]):
             raise TrainingError(f"{self.label}: the training loss became {row['train/loss']} in epoch {epoch + 1}; try a lower train.lr")
-        improved = self.selectable(epoch) and row["val/dice"] > state.best_val_dice
+        improved = self.selectable(row) and row["val/dice"] > state.best_val_dice
         if improved:
             state.best_val_dice, state.best_epoch = row["val/dice"], epoch + 1
             state.best_weights = cpu_copy(self.model.state_dict())
@@ -215,7 +216,8 @@ class Trainer:
         state.train_images += int(n)
         seconds = time.perf_counter() - self.t0
         state.wall_seconds += seconds
-        self.plan(seconds)
+        state.epoch_seconds.append(seconds)
+        self.plan()
         self.best_unsaved = self.best_unsaved or improved
         # Not after the run's last epoch: the model and result.json written next are the commit, and the
         # checkpoint would be deleted right after them (for a 1-epoch demo variant of 80M parameters it was
@@ -251,43 +253,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ selection and the time budget
 
-    def selectable(self, epoch: int) -> bool:
-        """Whether 0-based ``epoch`` may be kept as the best one: its outlier weight is the full ``loss.gamma``.
+    def selectable(self, row: dict[str, float]) -> bool:
+        """Whether an epoch (its history ``row``) may be kept as the best one: it trained at the full ``loss.gamma``.
 
         During the gamma warm-up and ramp the run is not yet the configured loss; a model picked
         there (often the best early Dice, before the outlier term weighs in) would be reported as
         the outlier variant without having been trained with it. Without the term, any epoch.
         """
-        if "outlier" not in self.run.loss.terms:
-            return True
-        return self.loss_fn.weights(epoch)["outlier"] == float(self.run.loss.gamma)
+        return "outlier" not in self.run.loss.terms or row["gamma"] == float(self.run.loss.gamma)
 
-    def selection_rule(self) -> str:
-        """How ``best_epoch`` was chosen, in words (recorded in the result)."""
-        rule = "best val/dice (slice mean at the model's resolution, empty/empty = 1)"
-        if "outlier" not in self.run.loss.terms:
-            return f"{rule} over all epochs (no outlier term)"
-        gamma = float(self.run.loss.gamma)
-        first = next((e + 1 for e in range(self.cfg.epochs) if self.selectable(e)), None)
-        if self.state.best_epoch and self.selectable(self.state.best_epoch - 1):
-            return f"{rule} among the epochs at the full outlier weight gamma={gamma:g} (epoch {first} on)"
-        reached = f"not before epoch {first}" if first else "never within train.epochs"
-        return (f"last epoch: no trained epoch reached the full outlier weight gamma={gamma:g} ({reached}), "
-                f"so the best-validation rule could not apply")
-
-    def plan(self, epoch_seconds: float) -> None:
-        """Re-plan the epochs under ``train.max_minutes`` (:func:`~lggseg.training.budget.plan_epochs`) on
-        rank 0's clock, so that DDP processes stop together."""
+    def plan(self) -> None:
+        """Re-plan the epochs under ``train.max_minutes`` (:mod:`lggseg.training.budget`) on rank 0's clock."""
         if self.cfg.max_minutes is None or self.done:
             return
-        seconds = torch.tensor([self.state.wall_seconds, epoch_seconds], dtype=torch.float64)
-        if self.info.distributed:
-            dist.broadcast(seconds, src=0)
-        spent, last = (float(v) for v in seconds)
-        planned, reason = plan_epochs(self.cfg.max_minutes, self.cfg.epochs, self.state.planned_epochs, self.state.epoch,
-                                      spent, last)
-        if reason is not None:
-            self.state.planned_epochs, self.state.stop_reason = planned, reason
+        seconds = [self.state.wall_seconds, epoch_estimate(self.state.epoch_seconds)]
+        if self.info.distributed:  # NCCL broadcasts device tensors only, gloo host ones
+            device = self.info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            shared = torch.tensor(seconds, dtype=torch.float64, device=device)
+            dist.broadcast(shared, src=0)
+            seconds = shared.tolist()
+        planned, reason = plan_epochs(self.cfg.max_minutes, self.cfg.epochs, self.state.epoch, *seconds)
+        self.state.planned_epochs, self.state.stop_reason = planned, reason or "completed"
+        self.loss_fn.planned_epochs = planned
 
     # ------------------------------------------------------------------ checkpoint and the end
 
@@ -319,6 +306,10 @@ class Trainer:
             state.best_val_dice, state.best_epoch = state.history[-1]["val/dice"], state.epoch
             state.best_weights = cpu_copy(self.model.state_dict())
         result = self.result()
+        if result["gamma_reached_full"] is False and info.is_main:
+            log.warning("%s: the outlier weight never reached loss.gamma=%g (at most %g in %d epochs); this model was "
+                        "not trained with the loss its variant names", self.label, self.run.loss.gamma,
+                        result["gamma_max"], state.epoch)
         if info.is_main:
             self.save_best(result)
             write_json(self.out_dir / RESULT_FILE, result)  # the completion marker, after the model
@@ -328,8 +319,7 @@ class Trainer:
         return result
 
     def result(self) -> dict[str, Any]:
-        return run_result(self.run, self.seed, self.fingerprint, self.state, self.selection_rule(), self.data.path,
-                          self.info, self.setup.bf16)
+        return run_result(self.run, self.seed, self.fingerprint, self.state, self.data.path, self.info, self.setup.bf16)
 
     def save_best(self, result: dict[str, Any]) -> None:
         from lggseg.models import save_model
