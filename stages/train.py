@@ -1,4 +1,4 @@
-"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.training.session.train_all_seeds``).
+"""Stage ``train@<variant>``: train every seed of one variant (``lggseg.training.train_all_seeds``).
 
 Runs as ``python stages/train.py ...`` or, on several GPUs, ``torchrun --nproc_per_node N stages/train.py ...``.
 An interrupted run continues from its last epoch checkpoint; ``--no-resume`` starts over.
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.variant != args.variant:
             raise ConfigError(f"{args.config} is the config of variant {run.variant!r}, not {args.variant!r}")
         from lggseg.runtime import shutdown_distributed
-        from lggseg.training.session import train_all_seeds
+        from lggseg.training import train_all_seeds
 
         try:
             summary = train_all_seeds(run, args.data, args.out, resume=args.resume)

@@ -18,6 +18,9 @@ from lggseg.losses import (
     box_sum,
     density_map,
     dice_loss,
+    full_gamma_epoch,
+    gamma_at,
+    gamma_schedule,
     isolated_bce_loss,
     isolated_mask,
     outlier_loss,
@@ -397,12 +400,52 @@ def test_compound_loss_terms_and_weights(terms):
 )
 def test_gamma_warmup_and_ramp(epoch, gamma):
     cfg = LossConfig(terms=("bce", "outlier"), gamma=2.0, gamma_warmup_epochs=2, gamma_ramp_epochs=4)
-    assert cfg.gamma_at(epoch) == pytest.approx(gamma)
+    assert gamma_at(cfg, epoch) == pytest.approx(gamma)
     loss = CompoundLoss(cfg)
     assert loss.weights(epoch) == {"bce": 1.0, "outlier": pytest.approx(gamma)}
     logits, target = square(32, 22, 22, 4) * 6 - 3, torch.zeros(1, 1, 32, 32)
     total, parts = loss(logits, target, epoch=epoch)
     assert total.item() == pytest.approx(parts["bce"].item() + gamma * parts["outlier"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "ramp", "epoch", "expected"),
+    [(0, 0, 0, 1.0), (2, 0, 1, 0.0), (2, 0, 2, 1.0), (1, 4, 0, 0.0), (1, 4, 1, 0.25), (1, 4, 4, 1.0), (1, 4, 9, 1.0)],
+)
+def test_gamma_schedule_in_epochs(warmup, ramp, epoch, expected):
+    cfg = LossConfig(terms=("bce", "outlier"), gamma=1.0, gamma_warmup_epochs=warmup, gamma_ramp_epochs=ramp)
+    assert gamma_at(cfg, epoch) == pytest.approx(expected)
+    assert gamma_at(cfg, epoch, planned_epochs=3) == gamma_at(cfg, epoch)  # counts ignore the plan
+
+
+# (warm-up fraction, ramp fraction, planned epochs) -> (warm-up, ramp epochs) = floor(fraction * planned),
+# the first epoch (0-based) at full gamma, and gamma (2.0) at each epoch of the plan
+FRACTIONS = [
+    (0.2, 0.3, 10, (2, 3), 4, [0, 0, 2 / 3, 4 / 3, 2, 2, 2, 2, 2, 2]),
+    (0.2, 0.3, 8, (1, 2), 2, [0, 1, 2, 2, 2, 2, 2, 2]),  # 1.6 -> 1, 2.4 -> 2
+    (0.25, 0.25, 8, (2, 2), 3, [0, 0, 1, 2, 2, 2, 2, 2]),  # params.cpu.yaml's 2 + 2 at its 8 epochs
+    (0.2, 0.3, 3, (0, 0), 0, [2, 2, 2]),  # a plan cut to 3 epochs: full gamma from the start
+    (0.5, 0.0, 5, (2, 0), 2, [0, 0, 2, 2, 2]),
+    (0.0, 0.9, 5, (0, 4), 3, [0.5, 1, 1.5, 2, 2]),  # warm-up + ramp < 1: the last epoch is at full gamma
+    (0.3, 0.6, 10, (3, 6), 8, [0, 0, 0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 2]),  # 0.3 * 10 is 3, not 2.999...
+]
+
+
+@pytest.mark.parametrize(("warmup", "ramp", "planned", "counts", "first_full", "gammas"), FRACTIONS)
+def test_gamma_schedule_in_fractions_of_the_plan(warmup, ramp, planned, counts, first_full, gammas):
+    cfg = LossConfig(terms=("bce", "outlier"), gamma=2.0, gamma_warmup_fraction=warmup, gamma_ramp_fraction=ramp)
+    assert gamma_schedule(cfg, planned) == counts
+    assert full_gamma_epoch(cfg, planned) == first_full
+    assert [gamma_at(cfg, e, planned) for e in range(planned)] == pytest.approx(gammas)
+    loss = CompoundLoss(cfg, planned_epochs=planned)
+    assert loss.weights(first_full)["outlier"] == 2.0
+    with pytest.raises(ValueError, match="planned epochs"):  # a fraction of nothing
+        CompoundLoss(cfg).weights(0)
+
+
+def test_one_fraction_replaces_only_its_own_count():
+    cfg = LossConfig(terms=("outlier",), gamma_warmup_epochs=5, gamma_ramp_epochs=10, gamma_ramp_fraction=0.5)
+    assert gamma_schedule(cfg, 8) == (5, 4)
 
 
 def test_compound_loss_backward_during_warmup_only_outlier():

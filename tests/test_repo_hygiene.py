@@ -46,24 +46,6 @@ PACKAGE = REPO / "src" / "lggseg"
 
 # (importing file, name) pairs still allowed while other branches of issue #23 rewrite those files.
 ALLOWED = {
-    # training/ (and runtime's _barrier, _all_sum that it imports) made public by the trainer branch:
-    # removed when the trainer branch merges
-    ("src/lggseg/training/session.py", "_Logger"),
-    ("src/lggseg/training/session.py", "_Trainer"),
-    ("src/lggseg/training/session.py", "_barrier"),
-    ("src/lggseg/training/session.py", "_store_fingerprint"),
-    ("src/lggseg/training/trainer.py", "_Logger"),
-    ("src/lggseg/training/trainer.py", "_all_sum"),
-    ("src/lggseg/training/trainer.py", "_barrier"),
-    ("src/lggseg/training/trainer.py", "_cpu_tensors"),
-    ("src/lggseg/training/trainer.py", "_flatten_optimizer"),
-    ("src/lggseg/training/trainer.py", "_numpy_rng_state"),
-    ("src/lggseg/training/trainer.py", "_python_rng_state"),
-    ("src/lggseg/training/trainer.py", "_set_numpy_rng_state"),
-    ("src/lggseg/training/trainer.py", "_set_python_rng_state"),
-    ("src/lggseg/training/trainer.py", "_strip"),
-    ("src/lggseg/training/trainer.py", "_torch_rng_states"),
-    ("src/lggseg/training/trainer.py", "_unflatten_optimizer"),
 }
 
 

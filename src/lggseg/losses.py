@@ -106,7 +106,10 @@ stops acting on a pixel once its prediction flips (it is then no longer in a pre
 region); BCE and Dice do the rest.
 
 ``CompoundLoss`` (eq. 13) sums ``alpha * BCE + beta * Dice + gamma_at(epoch) * Outlier`` over the
-terms listed in ``loss.terms`` and returns the unweighted, detached term values alongside.
+terms listed in ``loss.terms`` and returns the unweighted, detached term values alongside. The paper
+adds the outlier term "once basic stability has been achieved" without numbers: :func:`gamma_at` keeps
+it at 0 for a warm-up, then ramps it linearly to ``loss.gamma``, over epoch counts or over fractions of
+the run's planned epochs (:func:`gamma_schedule`).
 
 One module on purpose (over 450 lines): this docstring is the specification of eqs. 2-13 and of the
 readings (a)-(f), and the functions below implement it term by term; split, the readings would sit
@@ -115,6 +118,7 @@ apart from the code they decide.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -125,6 +129,9 @@ from lggseg.config import LossConfig
 
 __all__ = [
     "CompoundLoss",
+    "full_gamma_epoch",
+    "gamma_at",
+    "gamma_schedule",
     "OutlierParts",
     "bce_loss",
     "bce_map",
@@ -417,22 +424,61 @@ def isolated_bce_loss(logits: Tensor, target: Tensor, cfg: LossConfig) -> Tensor
 # --------------------------------------------------------------------------- eq. 13
 
 
+def gamma_schedule(cfg: LossConfig, planned_epochs: int | None = None) -> tuple[int, int]:
+    """``(warm-up epochs, ramp epochs)`` of the outlier weight in a run of ``planned_epochs`` epochs.
+
+    ``loss.gamma_warmup_epochs`` and ``gamma_ramp_epochs``; a ``loss.gamma_warmup_fraction`` or
+    ``gamma_ramp_fraction`` that is set replaces its count by ``floor(fraction * planned_epochs)``.
+    The plan is the run's current one: ``train.epochs``, or what ``train.max_minutes`` re-plans after
+    each epoch, so the schedule follows the plan. Rounding down keeps warm-up + ramp below the plan
+    (the fractions sum below 1), so the last planned epoch is always at the full weight.
+    """
+
+    def count(fraction: float | None, epochs: int) -> int:
+        if fraction is None:
+            return epochs
+        if planned_epochs is None:
+            raise ValueError("loss.gamma_warmup_fraction / gamma_ramp_fraction need the run's planned epochs")
+        return math.floor(fraction * planned_epochs + 1e-9)  # 1e-9: 0.3 * 10 is 3, not 2.9999...
+
+    return count(cfg.gamma_warmup_fraction, cfg.gamma_warmup_epochs), count(cfg.gamma_ramp_fraction, cfg.gamma_ramp_epochs)
+
+
+def gamma_at(cfg: LossConfig, epoch: int, planned_epochs: int | None = None) -> float:
+    """Outlier weight at 0-based ``epoch``: 0 during the warm-up, then a linear ramp to ``cfg.gamma``
+    (``gamma * min(1, (epoch - warmup + 1) / ramp)``), with the counts of :func:`gamma_schedule`."""
+    warmup, ramp = gamma_schedule(cfg, planned_epochs)
+    if epoch < warmup:
+        return 0.0
+    if ramp == 0:
+        return float(cfg.gamma)
+    return float(cfg.gamma) * min(1.0, (epoch - warmup + 1) / ramp)
+
+
+def full_gamma_epoch(cfg: LossConfig, planned_epochs: int | None = None) -> int:
+    """The first 0-based epoch at which :func:`gamma_at` gives the full ``cfg.gamma``."""
+    warmup, ramp = gamma_schedule(cfg, planned_epochs)
+    return warmup + max(ramp - 1, 0)
+
+
 class CompoundLoss(nn.Module):
     """Eq. 13: ``alpha * BCE + beta * Dice + gamma_at(epoch) * Outlier`` over ``cfg.terms``.
 
     A term whose weight is 0 at this epoch (the outlier term during warm-up) is still reported but
-    computed without autograd.
+    computed without autograd. ``planned_epochs``: the run's current plan, which a gamma schedule in
+    fractions needs (the trainer updates it when it re-plans).
     """
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, planned_epochs: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.planned_epochs = planned_epochs
 
     def weights(self, epoch: int = 0) -> dict[str, float]:
         """Each term of ``cfg.terms`` -> its weight at ``epoch``."""
         w = {t: float(self.cfg.weight(t)) for t in self.cfg.terms}
         if "outlier" in w:
-            w["outlier"] = self.cfg.gamma_at(epoch)
+            w["outlier"] = gamma_at(self.cfg, epoch, self.planned_epochs)
         return w
 
     def _term(self, name: str, logits: Tensor, target: Tensor) -> Tensor:
@@ -448,7 +494,7 @@ class CompoundLoss(nn.Module):
         """Args:
             logits: ``(B, 1, H, W)``, any float dtype (the loss is float32).
             target: ``(B, 1, H, W)`` in {0, 1}.
-            epoch: picks the outlier weight (``cfg.gamma_at``).
+            epoch: picks the outlier weight (:func:`gamma_at`).
 
         Returns:
             ``(total, parts)``: float32 scalar with a graph, and each term of ``cfg.terms`` ->

@@ -126,7 +126,7 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
     """Build ``run``'s model with random weights on ``device`` and take ``steps`` training steps and one evaluation batch."""
     from lggseg.data.resident import ResidentBatches
     from lggseg.inference import infer_probabilities
-    from lggseg.losses import CompoundLoss
+    from lggseg.losses import CompoundLoss, full_gamma_epoch
     from lggseg.models import build_model, load_model, save_model
     from lggseg.training.step import adam, applied, step_setup, train_step
 
@@ -145,8 +145,8 @@ def check_variant(run: RunConfig, device: torch.device, image_size: int, batch: 
             model = build_model(model_cfg, N_ATTRIBUTES, image_size).to(device, memory_format=memory_format)
             net = torch.compile(model) if setup.compile else model
             optimizer = adam(model.parameters(), run.train)
-            loss_fn = CompoundLoss(run.loss).to(device)
-            epoch = run.loss.gamma_warmup_epochs + run.loss.gamma_ramp_epochs  # the outlier term at full weight
+            loss_fn = CompoundLoss(run.loss, run.train.epochs).to(device)
+            epoch = full_gamma_epoch(run.loss, run.train.epochs)  # the outlier term at full weight
             # the training data path of a GPU run: the split on the device, augmented there in whole batches
             batches = ResidentBatches(synthetic_store(batch * (steps + 1), image_size), np.arange(batch * (steps + 1)),
                                       image_size, device, batch, augment=run.train.augment, shuffle=True,

@@ -206,7 +206,7 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
     from lggseg.data.store import load_store
     from lggseg.evaluation.evaluate import evaluate_model
     from lggseg.runtime import git_commit, resolve_device
-    from lggseg.training.concurrent import train_variants
+    from lggseg.training import train_variants
 
     t_start = time.perf_counter()
     common, manifest_cfg = load_section("common", params), load_section("manifest", params)

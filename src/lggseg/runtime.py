@@ -302,12 +302,14 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo) -> None:
+    """Wait for every process of the group (no-op in a single process)."""
     if info.distributed:
         dist.barrier()
 
 
-def _all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+def all_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every process (a copy; ``values`` itself when there is one process)."""
     if info.distributed:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)

@@ -88,12 +88,24 @@ def test_outlier_threshold_eq8(i, rounding, expected):
 
 
 @pytest.mark.parametrize(
-    ("warmup", "ramp", "epoch", "expected"),
-    [(0, 0, 0, 1.0), (2, 0, 1, 0.0), (2, 0, 2, 1.0), (1, 4, 0, 0.0), (1, 4, 1, 0.25), (1, 4, 4, 1.0), (1, 4, 9, 1.0)],
+    ("fractions", "needle"),
+    [((1.0, None), "gamma_warmup_fraction"), ((-0.1, None), "gamma_warmup_fraction"), ((None, 1), "gamma_ramp_fraction"),
+     ((0.5, 0.5), "below 1"), ((0.7, 0.4), "below 1"), ((None, "half"), "gamma_ramp_fraction")],
 )
-def test_gamma_schedule(warmup, ramp, epoch, expected):
-    cfg = LossConfig(terms=("bce", "outlier"), gamma=1.0, gamma_warmup_epochs=warmup, gamma_ramp_epochs=ramp)
-    assert cfg.gamma_at(epoch) == pytest.approx(expected)
+def test_gamma_fractions_reject_nonsense(fractions, needle):
+    with pytest.raises(ConfigError, match=needle):
+        LossConfig(terms=("bce", "outlier"), gamma_warmup_fraction=fractions[0], gamma_ramp_fraction=fractions[1])
+
+
+def test_gamma_fractions_appear_in_a_config_only_when_set():
+    """Configs and fingerprints of runs without the fractions stay as written before they existed."""
+    params = read_params(REPO / "params.yaml")
+    run = resolve_variant(params, "regnet_attr_bce_dice_outlier")
+    assert "gamma_warmup_fraction" not in run.to_dict()["loss"] and run_config_from_dict(run.to_dict()) == run
+    params["loss"] = {**params["loss"], "gamma_warmup_fraction": 0.2, "gamma_ramp_fraction": 0.3}
+    run = resolve_variant(params, "regnet_attr_bce_dice_outlier")
+    assert (run.to_dict()["loss"]["gamma_warmup_fraction"], run.to_dict()["loss"]["gamma_ramp_fraction"]) == (0.2, 0.3)
+    assert run_config_from_dict(run.to_dict()) == run
 
 
 def test_variant_overrides_merge_and_roundtrip():

@@ -143,6 +143,7 @@ TRAINED = {  # what lggseg.training.trainer writes into model.json
     "seed": 23, "epochs": 50, "epochs_done": 3, "epochs_planned": 3, "max_minutes": 30.0,
     "stop_reason": "time budget: train.max_minutes=30 fits 3 of 50 epochs at 600 s for the first",
     "best_epoch": 3, "best_val_dice": 0.8, "best_epoch_gamma": 0.0, "selection_rule": "last epoch: ...",
+    "gamma_max": 0.5, "gamma_reached_full": False,
     "wall_seconds": 1800.5, "train_seconds": 1500.0, "device": "cuda", "world_size": 1, "pretrained": True,
     "hardware": {"device": "cuda", "device_name": "NVIDIA H200", "bf16_autocast": True, "precision": "bf16 autocast"},
     "software": {"torch": "2.14.1", "timm": "1.0.31", "segmentation_models_pytorch": "0.6.0"}, "fingerprint": "f" * 16,
@@ -163,7 +164,7 @@ def test_provenance_block_by_hand():
     train = prov["training"]["23"]
     assert train == {"image_size": S, **{k: TRAINED[k] for k in train if k != "image_size"}}
     assert set(train) >= {"epochs_planned", "epochs_done", "stop_reason", "pretrained", "hardware", "software",
-                          "wall_seconds", "best_epoch_gamma", "selection_rule"}
+                          "wall_seconds", "best_epoch_gamma", "selection_rule", "gamma_max", "gamma_reached_full"}
     assert prov["evaluation"]["device"] == "cpu" and prov["evaluation"]["software"]["torch"] == torch.__version__
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     json.dumps(res.metrics, allow_nan=False)

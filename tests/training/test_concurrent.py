@@ -14,8 +14,8 @@ from test_train import SEED, tiny_run
 
 from lggseg.config import ConfigError
 from lggseg.errors import TrainingError
-from lggseg.training.concurrent import RandomState, train_variants
-from lggseg.training.session import train_variant
+from lggseg.training import train_variant, train_variants
+from lggseg.training.concurrent import RandomState
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lggseg.config import deep_merge, read_params, resolve_variant
 from lggseg.runtime import cpu_bf16
-from lggseg.training.session import train_variant
+from lggseg.training import train_variant
 from lggseg.training.step import step_setup
 
 REPO = Path(__file__).resolve().parents[2]

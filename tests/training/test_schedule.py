@@ -12,7 +12,7 @@ from test_train import SEED, tiny_run
 
 import lggseg.training.trainer as train_mod
 from lggseg.config import ConfigError, TrainConfig
-from lggseg.training.session import train_variant
+from lggseg.training import train_variant
 from lggseg.training.step import lr_factor
 
 
@@ -74,15 +74,14 @@ class _Clock:
 def fake_epochs(monkeypatch):
     """Make every epoch last exactly ``seconds`` on the trainer's clock; returns a setter."""
     clock = _Clock(0.0)
-    real_train_steps = train_mod._Trainer.train_steps
+    real_validate = train_mod.Trainer.validate
 
-    def train_steps(self, epoch):  # an epoch's steps are a generator (lggseg.training.concurrent interleaves them)
-        out = yield from real_train_steps(self, epoch)
+    def validate(self, epoch):  # once per epoch, between its clock's start and end
         clock.t += clock.epoch_seconds
-        return out
+        return real_validate(self, epoch)
 
     monkeypatch.setattr(train_mod.time, "perf_counter", clock)
-    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
 
     def set_seconds(seconds: float) -> None:
         clock.epoch_seconds = seconds
@@ -96,6 +95,36 @@ def test_budget_plans_epochs_after_the_first(store_dir, tmp_path, fake_epochs):
     assert result["epochs_done"] == 3 and result["epochs_planned"] == 3 and len(result["history"]) == 3
     assert result["stop_reason"].startswith("time budget") and "fits 3 of 6" in result["stop_reason"]
     assert result["max_minutes"] == 2.5
+
+
+def test_the_plan_is_remade_after_every_epoch(store_dir, tmp_path, fake_epochs, monkeypatch):
+    """A first epoch of 100 s (warm-up costs), then 20 s each, budget 5 min: the plan after epoch 1 is
+    3 of 6 (300 s at 100 s), after epoch 2 (estimate 20 s, 180 s left) all 6 fit, and all 6 run."""
+    times = iter([100.0] + [20.0] * 5)
+    real = train_mod.Trainer.validate
+
+    def validate(self, epoch):
+        train_mod.time.perf_counter.t += next(times)
+        return real(self, epoch)
+
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
+    plans = []
+    plan = train_mod.Trainer.plan
+    monkeypatch.setattr(train_mod.Trainer, "plan", lambda self: plan(self) or plans.append(self.state.planned_epochs))
+    result = train_variant(tiny_run(epochs=6, max_minutes=5), store_dir, tmp_path / "seed", SEED)
+    assert plans == [3, 6, 6, 6, 6, 6]  # after each epoch (after the last there is nothing left to plan)
+    assert result["epochs_done"] == 6 and result["stop_reason"] == "completed"
+
+
+@pytest.mark.parametrize(("loss", "gammas"), [({"gamma_warmup_epochs": 3}, [0.0, 0.0, 0.0]),
+                                             ({"gamma_warmup_fraction": 0.5, "gamma_ramp_fraction": 0.0}, [0.0, 1.0, 1.0])])
+def test_a_gamma_schedule_in_fractions_follows_the_plan(store_dir, tmp_path, fake_epochs, loss, gammas):
+    """6 epochs planned, 3 fit the budget (50 s each, 2.5 min): a warm-up of 3 epochs never ends, half of the
+    plan does (3 epochs of 6 while epoch 1 trains, 1 of 3 after the plan is cut)."""
+    fake_epochs(50.0)
+    result = train_variant(tiny_run(epochs=6, max_minutes=2.5, loss=loss), store_dir, tmp_path / "seed", SEED)
+    assert [row["gamma"] for row in result["history"]] == gammas
+    assert result["gamma_reached_full"] is (gammas[-1] == 1.0)
 
 
 def test_without_budget_every_epoch_runs(store_dir, tmp_path, fake_epochs):
@@ -114,14 +143,13 @@ def test_a_slowdown_after_the_plan_stops_before_overrunning(store_dir, tmp_path,
     """First epoch 30 s (plan: 4 of 6 in 2 min), then the machine gets busy: epoch 2 takes 60 s, so a
     third (judged at 60 s) would end at 150 s > 120 s: training stops after 2."""
     times = iter([30.0, 60.0, 60.0, 60.0])
-    real = train_mod._Trainer.train_steps
+    real = train_mod.Trainer.validate
 
-    def train_steps(self, epoch):
-        out = yield from real(self, epoch)
+    def validate(self, epoch):
         train_mod.time.perf_counter.t += next(times)
-        return out
+        return real(self, epoch)
 
-    monkeypatch.setattr(train_mod._Trainer, "train_steps", train_steps)
+    monkeypatch.setattr(train_mod.Trainer, "validate", validate)
     result = train_variant(tiny_run(epochs=6, max_minutes=2), store_dir, tmp_path / "seed", SEED)
     assert result["epochs_done"] == 2
     assert "reached after 2 of 6" in result["stop_reason"]
@@ -139,9 +167,9 @@ def test_the_cosine_schedule_is_applied_per_step(store_dir, tmp_path):
 
 
 def test_budget_and_schedule_are_part_of_the_run_identity(store_dir):
-    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
+    from lggseg.training.checkpoint import run_fingerprint, store_fingerprint
 
-    data = _store_fingerprint(store_dir)
+    data = store_fingerprint(store_dir)
     base = run_fingerprint(tiny_run(), SEED, data)
     assert run_fingerprint(tiny_run(max_minutes=5), SEED, data) != base
     assert run_fingerprint(tiny_run(lr_schedule="cosine"), SEED, data) != base
@@ -167,11 +195,11 @@ def test_empty_slice_fraction_shortens_epochs_and_stays_deterministic(store_dir,
 
 
 def test_epoch_slices_caps_the_steps_of_an_epoch(store_dir, tmp_path):
-    from lggseg.training.checkpoint import _store_fingerprint, run_fingerprint
+    from lggseg.training.checkpoint import run_fingerprint, store_fingerprint
 
     result = train_variant(tiny_run(epochs=1, epoch_slices=8), store_dir, tmp_path / "cut", SEED)
     assert round(result["images_per_second"] * result["train_seconds"]) == 8  # two steps of batch 4
-    data = _store_fingerprint(store_dir)
+    data = store_fingerprint(store_dir)
     assert run_fingerprint(tiny_run(epoch_slices=8), SEED, data) != run_fingerprint(tiny_run(), SEED, data)
     assert run_fingerprint(tiny_run(epoch_slices=None), SEED, data) == run_fingerprint(tiny_run(), SEED, data)
     for bad in (0, 3, 2.5, "all"):  # below batch_size 4, or not an integer

@@ -1,5 +1,7 @@
-"""Training on tiny synthetic data: outputs and logs, CPU determinism, a finished run is not redone,
-resumption after SIGKILL at several points gives the uninterrupted result, DDP with 2 gloo processes."""
+"""Training on tiny synthetic data (``lggseg.training.train_variant``): outputs and logs, CPU determinism, a
+finished run is not redone, resumption after SIGKILL at several points gives the uninterrupted result, DDP
+with 2 gloo processes, the step's set-up, the data paths. The loop itself: test_trainer.py; checkpoints:
+test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -17,28 +19,18 @@ import yaml
 from safetensors.torch import load_file
 
 from lggseg.config import (
-    CommonConfig,
     LossConfig,
-    ManifestConfig,
     RunConfig,
     TrainConfig,
     deep_merge,
     read_params,
     resolve_variant,
 )
-from lggseg.data.manifest import build_manifest
 from lggseg.data.store import load_store
-from lggseg.data.synthetic import generate_demo
-from lggseg.training.checkpoint import (
-    CHECKPOINT_DIR,
-    Checkpoint,
-    _flatten_optimizer,
-    _unflatten_optimizer,
-    run_fingerprint,
-)
-from lggseg.training.session import train_all_seeds, train_variant
+from lggseg.training import train_all_seeds, train_variant
+from lggseg.training.checkpoint import CHECKPOINT_DIR, run_fingerprint, store_fingerprint
 from lggseg.training.step import applied, step_setup, train_step
-from lggseg.training.trainer import _slice_dice_sums
+from lggseg.training.trainer import slice_dice_sums
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 5
@@ -72,113 +64,28 @@ def _tsv(out: Path, name: str) -> list[float]:
 # --------------------------------------------------------------------------- unit pieces
 
 
-@pytest.mark.parametrize(
-    ("pred", "truth", "expected"),
-    [
-        ([[0, 0], [0, 0]], [[0, 0], [0, 0]], 1.0),  # empty/empty counts 1
-        ([[1, 0], [0, 0]], [[0, 0], [0, 0]], 0.0),  # false positive on an empty slice
-        ([[1, 1], [0, 0]], [[1, 0], [0, 0]], 2 * 1 / 3),
-        ([[1, 1], [1, 0]], [[1, 1], [0, 1]], 2 * 2 / 6),
-    ],
-)
-def test_slice_dice(pred, truth, expected):
-    logits = torch.tensor(pred, dtype=torch.float32)[None, None] * 2 - 1  # 1 -> +1 (p > 0.5), 0 -> -1
-    truth = torch.tensor(truth, dtype=torch.float32)[None, None]
-    assert float(_slice_dice_sums(logits, truth)) == pytest.approx(expected)
-    two = _slice_dice_sums(torch.cat([logits, logits]), torch.cat([truth, truth]))
-    assert float(two) == pytest.approx(2 * expected)  # a sum over slices, not a pooled Dice
-
-
-def test_optimizer_state_round_trip():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(3):
-        opt.zero_grad()
-        net(torch.randn(5, 3)).pow(2).mean().backward()
-        opt.step()
-    tensors, meta = _flatten_optimizer(opt)
-    meta = json.loads(json.dumps(meta))  # it really is JSON
-    fresh = torch.optim.Adam(net.parameters(), lr=0.5)
-    fresh.load_state_dict(_unflatten_optimizer(tensors, meta))
-    a, b = opt.state_dict(), fresh.state_dict()
-    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 0.01
-    for pid in a["state"]:
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(a["state"][pid][key], b["state"][pid][key])
-
-
-def test_fingerprint_ignores_speed_settings_only():
-    base = run_fingerprint(tiny_run(), SEED, "data")
-    assert run_fingerprint(tiny_run(num_workers=3, cpu_threads=2, log_every=7, checkpoint_every=3), SEED, "data") == base
-    assert run_fingerprint(tiny_run(data_path="resident"), SEED, "data") != base  # another random stream
-    assert run_fingerprint(tiny_run(lr=0.01), SEED, "data") != base
-    assert run_fingerprint(tiny_run(), SEED + 1, "data") != base
-    assert run_fingerprint(tiny_run(), SEED, "other data") != base
-    # a setting added later counts only when used: runs made before it keep their identity
-    augment = {**tiny_run().train.augment.__dict__}
-    assert run_fingerprint(tiny_run(augment={**augment, "missing_sequence_p": 0.0}), SEED, "data") == base
-    assert run_fingerprint(tiny_run(augment={**augment, "missing_sequence_p": 0.2}), SEED, "data") != base
-
-
-def test_fingerprint_holds_device_type_and_precision():
-    """A CPU float32 checkpoint or result is never taken for a GPU bf16 run, nor the reverse."""
-    fps = {(dev, bf16): run_fingerprint(tiny_run(), SEED, "data", dev, bf16)
-           for dev in ("cpu", "cuda") for bf16 in (False, True)}
-    assert len(set(fps.values())) == 4
-    assert run_fingerprint(tiny_run(), SEED, "data") == fps["cpu", False]  # the defaults
-
-
 @pytest.mark.bf16path
 def test_train_variant_keys_results_by_device_and_precision(trained, store_dir, monkeypatch):
     """The stored result was made on the CPU at the precision of its set-up (bf16 under native CPU bf16,
     else float32: LGGSEG_CPU_BF16); a set-up of the other precision with the same config must not take it."""
-    import lggseg.training.session as T
+    import lggseg.training.trainer as T
 
     out, result = trained
     bf16 = step_setup(tiny_run().train, CPU).bf16
     assert result["hardware"]["bf16_autocast"] is bf16
-    assert result["fingerprint"] == run_fingerprint(tiny_run(), SEED, T._store_fingerprint(store_dir), "cpu", bf16)
+    assert result["fingerprint"] == run_fingerprint(tiny_run(), SEED, store_fingerprint(store_dir), "cpu", bf16)
     seen = {}
 
-    def stop(*args, **kwargs):
-        seen["fingerprint"] = args[5]
+    def stop(self, run, store_dir, out_dir, seed, info, setup, fingerprint, *args, **kwargs):
+        seen["fingerprint"] = fingerprint
         raise RuntimeError("stop before training")
 
     monkeypatch.setattr(T, "step_setup", lambda cfg, device: T.StepSetup("ours", bf16=not bf16))
-    monkeypatch.setattr(T, "_Trainer", stop)
+    monkeypatch.setattr(T.Trainer, "__init__", stop)
     with pytest.raises(RuntimeError, match="stop before training"):
         train_variant(tiny_run(), store_dir, out.parent / "other", SEED)
-    assert seen["fingerprint"] == run_fingerprint(tiny_run(), SEED, T._store_fingerprint(store_dir), "cpu", not bf16)
+    assert seen["fingerprint"] == run_fingerprint(tiny_run(), SEED, store_fingerprint(store_dir), "cpu", not bf16)
     assert seen["fingerprint"] != result["fingerprint"]
-
-
-def test_a_resplit_store_is_not_resumed(store_dir, tmp_path):
-    """Same images, another split: the store fingerprint (and so the run's) must differ."""
-    from lggseg.training.checkpoint import _store_fingerprint
-
-    raw = generate_demo(tmp_path / "raw", 3, 23)
-    fps = {}
-    for unit in ("patient", "slice"):
-        build_manifest(raw, tmp_path / unit, CommonConfig(image_size=64), ManifestConfig(split_unit=unit))
-        fps[unit] = _store_fingerprint(tmp_path / unit)
-    assert fps["patient"]["data"] == fps["slice"]["data"]  # the same raw images
-    assert fps["patient"] == _store_fingerprint(store_dir)  # rebuilt identically: same identity
-    assert run_fingerprint(tiny_run(), SEED, fps["patient"]) != run_fingerprint(tiny_run(), SEED, fps["slice"])
-
-
-def test_checkpoint_commit_record_decides(tmp_path):
-    ckpt = Checkpoint(tmp_path)
-    record = {"format": 1, "fingerprint": "abc", "epoch": 1, "files": {"state": None, "best": None}}
-    files = ckpt.save(record, {"model.w": torch.ones(2)}, {"w": torch.ones(2)})
-    (ckpt.dir / "state_e0002.safetensors").write_bytes(b"half-written by a killed process")
-    assert ckpt.load("other config") is None
-    state = ckpt.load("abc")
-    assert state["epoch"] == 1 and torch.equal(state["tensors"]["model.w"], torch.ones(2))
-    ckpt.save({**record, "epoch": 2, "files": files}, {"model.w": torch.zeros(2)}, None)
-    names = sorted(p.name for p in ckpt.dir.iterdir())
-    assert names == ["best_e0001.safetensors", "state.json", "state_e0002.safetensors"]  # old state pruned
-    assert torch.equal(ckpt.load("abc")["tensors"]["model.w"], torch.zeros(2))
 
 
 # --------------------------------------------------------------------------- training
@@ -221,7 +128,7 @@ def test_training_writes_model_logs_and_result(trained, store_dir):
     batch = torch.utils.data.default_collate([ds[k] for k in range(len(ds))])
     with torch.no_grad():
         logits = model(batch["image"], batch["attributes"])
-    assert float(_slice_dice_sums(logits, batch["mask"])) / len(ds) == pytest.approx(result["best_val_dice"], abs=1e-6)
+    assert float(slice_dice_sums(logits, batch["mask"])) / len(ds) == pytest.approx(result["best_val_dice"], abs=1e-6)
 
 
 def test_finished_run_is_returned_not_redone(trained, store_dir):
@@ -245,58 +152,6 @@ def test_same_seed_same_metrics_and_weights_on_cpu(trained, store_dir, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# (gamma warm-up, ramp, train.epochs, max_minutes, val Dice per epoch, kept epoch, its gamma, rule)
-SELECTION_CASES = [
-    # full gamma from epoch 2: epoch 1's higher Dice does not count, the best of epochs 2-3 does
-    (1, 0, 3, None, [0.9, 0.4, 0.6], 3, 1.0, "among the epochs at the full outlier weight gamma=1 (epoch 2 on)"),
-    # ramp over 2 epochs: gamma 0, 0.5, 1; only epoch 3 is at full weight
-    (1, 2, 3, None, [0.9, 0.8, 0.3], 3, 1.0, "among the epochs at the full outlier weight gamma=1 (epoch 3 on)"),
-    # never at full weight within train.epochs: the last epoch, and the rule says so
-    (5, 0, 2, None, [0.9, 0.4], 2, 0.0, "last epoch: no trained epoch reached the full outlier weight gamma=1 "
-                                         "(never within train.epochs)"),
-    # a time budget that allows one epoch of three stops in the warm-up
-    (1, 0, 3, 1e-6, [0.9], 1, 0.0, "last epoch: no trained epoch reached the full outlier weight gamma=1 "
-                                   "(not before epoch 2)"),
-]
-
-
-@pytest.mark.parametrize(("warmup", "ramp", "epochs", "budget", "dices", "kept", "gamma", "rule"), SELECTION_CASES)
-def test_best_epoch_is_chosen_at_full_gamma(store_dir, tmp_path, monkeypatch, warmup, ramp, epochs, budget, dices, kept,
-                                            gamma, rule):
-    import lggseg.training.trainer as T
-
-    snapshots = []
-
-    def validate(self, epoch):  # the chosen Dice; and the weights this epoch would be kept with
-        snapshots.append(T._cpu_tensors("", self.model.state_dict()))
-        return torch.tensor([0.5, dices[epoch], 1.0], dtype=torch.float64)
-
-    monkeypatch.setattr(T._Trainer, "validate", validate)
-    run = tiny_run(epochs, loss={"gamma_warmup_epochs": warmup, "gamma_ramp_epochs": ramp}, max_minutes=budget)
-    out = tmp_path / "seed_5"
-    result = train_variant(run, store_dir, out, SEED)
-    assert [row["val/dice"] for row in result["history"]] == dices
-    assert (result["best_epoch"], result["best_val_dice"], result["best_epoch_gamma"]) == (kept, dices[kept - 1], gamma)
-    assert rule in result["selection_rule"]
-    meta = json.loads((out / "model.json").read_text())
-    assert (meta["best_epoch"], meta["best_epoch_gamma"], meta["selection_rule"]) == (kept, gamma, result["selection_rule"])
-    saved = load_file(str(out / "model.safetensors"))
-    assert all(torch.equal(saved[k], snapshots[kept - 1][k]) for k in saved)  # that epoch's weights
-
-
-def test_without_the_outlier_term_every_epoch_counts(store_dir, tmp_path, monkeypatch):
-    import dataclasses
-
-    import lggseg.training.trainer as T
-
-    monkeypatch.setattr(T._Trainer, "validate", lambda self, epoch: torch.tensor([0.5, [0.9, 0.4][epoch], 1.0]))
-    run = tiny_run(2)
-    run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, terms=("bce", "dice")))
-    result = train_variant(run, store_dir, tmp_path / "seed_5", SEED)
-    assert (result["best_epoch"], result["best_epoch_gamma"]) == (1, 0.0)
-    assert result["selection_rule"].endswith("over all epochs (no outlier term)")
-
-
 def test_train_all_seeds_writes_summary(store_dir, tmp_path):
     import dataclasses
 
@@ -318,7 +173,7 @@ import os, signal, sys
 from pathlib import Path
 import torch
 import lggseg.training.checkpoint as C
-import lggseg.training.session as S
+import lggseg.training.trainer as T
 from lggseg.config import load_run_config
 
 cfg, store, out, point = sys.argv[1:5]
@@ -348,8 +203,8 @@ elif kind in ("commit", "final"):  # just after epoch arg's state.json / just be
         if kind == "commit" and Path(path).name == "state.json" and obj["epoch"] == int(arg):
             die()
         return done
-    C.write_json = S.write_json = patched
-S.train_variant(load_run_config(cfg), Path(store), Path(out), int(sys.argv[5]))
+    C.write_json = T.write_json = patched
+T.train_variant(load_run_config(cfg), Path(store), Path(out), int(sys.argv[5]))
 '''
 
 
@@ -397,8 +252,10 @@ def test_train_stage_rejects_a_config_of_another_variant(tmp_path, store_dir):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path, store_dir):
+    """Two processes, with a time budget: after epoch 1 the plan is broadcast from rank 0 (a host tensor on
+    gloo; on NCCL the same call takes a device tensor), and both ranks go on to epoch 2 together."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_run(epochs=1).to_dict()))
+    cfg.write_text(yaml.safe_dump(tiny_run(epochs=2, max_minutes=60).to_dict()))
     out = tmp_path / "models"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["--variant", "regnet_attr_bce_dice_outlier", "--config", str(cfg), "--data", str(store_dir), "--out", str(out)]
@@ -406,8 +263,9 @@ def test_ddp_two_gloo_processes(tmp_path, store_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((out / f"seed_{SEED}" / "result.json").read_text())
     assert result["world_size"] == 2 and 0 <= result["best_val_dice"] <= 1
+    assert (result["max_minutes"], result["epochs_done"], result["stop_reason"]) == (60, 2, "completed")
     assert (out / f"seed_{SEED}" / "model.safetensors").is_file() and (out / "summary.json").is_file()
-    assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 1  # rank 0 alone logged
+    assert len(_tsv(out / f"seed_{SEED}", "val/dice")) == 2  # rank 0 alone logged
 
 
 # --------------------------------------------------------------------------- the training step
@@ -484,7 +342,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_resident_data_path_trains_deterministically_on_cpu(store_dir, tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="lggseg.training.trainer")
+    caplog.set_level(logging.INFO, logger="lggseg.training")
     results = [train_variant(tiny_run(data_path="resident"), store_dir, tmp_path / f"r{k}", SEED) for k in (0, 1)]
     assert results[0]["data_path"] == "resident" and results[0]["history"] == results[1]["history"]
     a, b = _weights(tmp_path / "r0"), _weights(tmp_path / "r1")
@@ -496,60 +354,6 @@ def test_auto_data_path_keeps_the_loader_on_cpu(trained):
     assert trained[1]["data_path"] == "loader"
 
 
-def test_checkpoint_every_and_resume(store_dir, tmp_path, monkeypatch):
-    """checkpoint_every 2 over 4 epochs: commits after epoch 2 only (after the last, epoch 4, the model is
-    the commit); a run that dies in epoch 3 resumes from epoch 2 and ends with the weights of the
-    uninterrupted run."""
-    import lggseg.training.trainer as T
-
-    saved = []
-    save = T.Checkpoint.save
-
-    def record(self, rec, tensors, best):
-        saved.append((rec["epoch"], best is not None))
-        return save(self, rec, tensors, best)
-
-    monkeypatch.setattr(T.Checkpoint, "save", record)
-    run = tiny_run(4, checkpoint_every=2)
-    ref = train_variant(run, store_dir, tmp_path / "ref", SEED)
-    assert [e for e, _ in saved] == [2]
-    assert saved[0][1]  # the first commit carries the best weights found so far
-
-    class Died(Exception):
-        pass
-
-    run_epoch = T._Trainer.run_epoch
-
-    def dies_in_epoch_3(self, epoch, ckpt, live):
-        if epoch == 2:
-            raise Died
-        return run_epoch(self, epoch, ckpt, live)
-
-    monkeypatch.setattr(T._Trainer, "run_epoch", dies_in_epoch_3)
-    with pytest.raises(Died):
-        train_variant(run, store_dir, tmp_path / "cut", SEED)
-    assert json.loads((tmp_path / "cut" / CHECKPOINT_DIR / "state.json").read_text())["epoch"] == 2
-    monkeypatch.setattr(T._Trainer, "run_epoch", run_epoch)
-    resumed = train_variant(run, store_dir, tmp_path / "cut", SEED)
-    assert resumed["history"] == ref["history"] and resumed["best_epoch"] == ref["best_epoch"]
-    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_last_epoch_is_committed_by_the_model_not_a_checkpoint(store_dir, tmp_path, monkeypatch):
-    """Neither a completed run nor one stopped by the time budget writes a checkpoint after its last
-    epoch (it would be removed with the model's commit a moment later); the model holds that epoch."""
-    import lggseg.training.trainer as T
-
-    saved = []
-    monkeypatch.setattr(T.Checkpoint, "save", lambda self, rec, tensors, best: saved.append(rec["epoch"]) or rec["files"])
-    result = train_variant(tiny_run(3, checkpoint_every=1, max_minutes=1e-6), store_dir, tmp_path / "b", SEED)
-    assert result["epochs_done"] == 1 and saved == []  # stopped by the budget after epoch 1
-    assert (tmp_path / "b" / "model.safetensors").is_file() and not (tmp_path / "b" / CHECKPOINT_DIR).exists()
-    result = train_variant(tiny_run(2, checkpoint_every=1), store_dir, tmp_path / "c", SEED)
-    assert result["epochs_done"] == 2 and saved == [1]  # every epoch but the last
-
-
 LEAN = """
 import sys
 sys.modules["albumentations"] = None  # import albumentations -> ImportError
@@ -558,7 +362,7 @@ from pathlib import Path
 import yaml
 from lggseg.config import EvaluateConfig, PostprocessConfig, run_config_from_dict
 from lggseg.evaluation.evaluate import evaluate_model
-from lggseg.training.session import train_all_seeds
+from lggseg.training import train_all_seeds
 
 cfg, store, out = sys.argv[1:4]
 run = run_config_from_dict(yaml.safe_load(Path(cfg).read_text()))
@@ -611,9 +415,7 @@ def test_fused_adam_is_the_same_update_rounded_differently(store_dir, tmp_path):
     again = train_variant(tiny_run(1, fused_adam=True), store_dir, tmp_path / "f2", SEED)
     a, b = _weights(tmp_path / "f1"), _weights(tmp_path / "f2")
     assert fused["history"] == again["history"] and all(torch.equal(a[k], b[k]) for k in a)
-    import lggseg.training.checkpoint as T
-
-    store_fp = T._store_fingerprint(store_dir)
+    store_fp = store_fingerprint(store_dir)
     bf16 = step_setup(tiny_run(1).train, CPU).bf16  # the CPU's (or LGGSEG_CPU_BF16's) precision
     assert fused["hardware"]["bf16_autocast"] is bf16
     assert fused["fingerprint"] == run_fingerprint(tiny_run(1, fused_adam=True), SEED, store_fp, "cpu", bf16)

@@ -302,7 +302,7 @@ def data_paths(build: Callable[[int], nn.Module], loss_fn: nn.Module, store: Any
 
 
 def concurrent_variants(runs: list[Any], store: Any, seed: int, device: torch.device) -> dict[str, Any]:
-    """Wall time of ``runs`` trained one after another (:func:`lggseg.training.session.train_variant`) and
+    """Wall time of ``runs`` trained one after another (:func:`lggseg.training.train_variant`) and
     in turns in one process (:func:`lggseg.training.concurrent.train_variants`), everything a call does
     included; on the CPU also whether both gave the same results (they must). Each model first takes
     one untimed step, so that neither mode pays alone for the first use of a kernel."""
@@ -310,8 +310,8 @@ def concurrent_variants(runs: list[Any], store: Any, seed: int, device: torch.de
 
     from lggseg.losses import CompoundLoss
     from lggseg.models import build_model
+    from lggseg.training import train_variant
     from lggseg.training.concurrent import train_variants
-    from lggseg.training.session import train_variant
 
     store_dir, n = Path(store.root), runs[0].train.batch_size
     root, width = store_dir.parent, int(store.attributes.shape[1])
@@ -319,7 +319,7 @@ def concurrent_variants(runs: list[Any], store: Any, seed: int, device: torch.de
         setup, size, n_attr = step_setup(run.train, device), run.common.image_size, width if run.model.attributes else 0
         with applied(setup, device):
             model = build_model(run.model, n_attr, size).to(device)
-            train_step(model, torch.optim.Adam(model.parameters()), CompoundLoss(run.loss).to(device),
+            train_step(model, torch.optim.Adam(model.parameters()), CompoundLoss(run.loss, run.train.epochs).to(device),
                        torch.randn(n, 3, size, size, device=device), torch.ones(n, 1, size, size, device=device),
                        torch.zeros(n, n_attr, device=device) if n_attr else None, 0, setup.bf16)
     alone, together = [], []

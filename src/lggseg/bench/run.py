@@ -144,14 +144,14 @@ def merge_write(out_json: Path, key: str, entry: dict[str, Any]) -> dict[str, An
 
 def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.device = "auto") -> dict[str, Any]:
     """Measure everything on ``device`` and merge it into ``out_json``; returns this device's block."""
-    from lggseg.losses import CompoundLoss
+    from lggseg.losses import CompoundLoss, full_gamma_epoch
     from lggseg.models import build_model
 
     t_start, load_start = time.perf_counter(), M.load_average()
     dev = resolve_device(device, indexed=True)
     p, size, info = cfg.profile(dev), cfg.common.image_size, M.device_info(dev)
-    epoch = cfg.loss.gamma_warmup_epochs + cfg.loss.gamma_ramp_epochs  # the outlier term at full weight
-    loss_fn = CompoundLoss(cfg.loss).to(dev)
+    epoch = full_gamma_epoch(cfg.loss, cfg.train.epochs)  # the outlier term at full weight
+    loss_fn = CompoundLoss(cfg.loss, cfg.train.epochs).to(dev)
     with open_store(cfg) as (store, source):
         n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
 

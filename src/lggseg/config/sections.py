@@ -156,6 +156,10 @@ class LossConfig:
     reduction: str = "mean"  # mean | sum over pixels
     gamma_warmup_epochs: int = 5  # epochs with gamma = 0
     gamma_ramp_epochs: int = 10  # then a linear ramp up to gamma over this many epochs
+    # When set, these replace the two counts above by fractions of the run's planned epochs (see
+    # lggseg.losses.gamma_schedule), so that a short or time-budgeted run still reaches full gamma.
+    gamma_warmup_fraction: float | None = None
+    gamma_ramp_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.terms) > 0, "loss.terms must name at least one of bce, dice, outlier")
@@ -188,18 +192,14 @@ class LossConfig:
         for name in ("gamma_warmup_epochs", "gamma_ramp_epochs"):
             v = getattr(self, name)
             _require(is_int(v) and v >= 0, f"loss.{name} must be a non-negative integer, got {v!r}")
+        fractions = [getattr(self, f"gamma_{k}_fraction") for k in ("warmup", "ramp")]
+        for name, v in zip(("gamma_warmup_fraction", "gamma_ramp_fraction"), fractions, strict=True):
+            _require(v is None or (is_number(v) and 0 <= v < 1), f"loss.{name} must be null or a number in [0, 1), got {v!r}")
+        _require(sum(v or 0 for v in fractions) < 1,
+                 f"loss.gamma_warmup_fraction + gamma_ramp_fraction must be below 1 (some epochs at full gamma), got {fractions}")
 
     def weight(self, term: str) -> float:
         return {"bce": self.alpha, "dice": self.beta, "outlier": self.gamma}[term]
-
-    def gamma_at(self, epoch: int) -> float:
-        """Outlier weight at 0-based ``epoch``: 0 during warm-up, then a linear ramp to ``gamma``."""
-        if epoch < self.gamma_warmup_epochs:
-            return 0.0
-        if self.gamma_ramp_epochs == 0:
-            return float(self.gamma)
-        done = epoch - self.gamma_warmup_epochs + 1
-        return float(self.gamma) * min(1.0, done / self.gamma_ramp_epochs)
 
     @property
     def threshold(self) -> int:
@@ -390,8 +390,17 @@ class RunConfig:
             _require(self.common.image_size % 32 == 0, "U-Net needs common.image_size divisible by 32")
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        data = _to_plain(dataclasses.asdict(self))
+        # Keys added after configs were first written appear only when set, so that the configs
+        # (configs/<variant>.yaml) and run fingerprints of runs that do not use them stay as they were.
+        for section, key in ADDED_WHEN_SET:
+            if data[section].get(key) is None:
+                data[section].pop(key, None)
+        return data
 
+
+
+ADDED_WHEN_SET = (("loss", "gamma_warmup_fraction"), ("loss", "gamma_ramp_fraction"))
 
 
 def _to_plain(obj: Any) -> Any:

@@ -86,7 +86,7 @@ LOSS_TERM_FIELDS: dict[str, tuple[str, ...]] = {
     "bce": ("alpha",),
     "dice": ("beta",),
     "outlier": ("gamma", "i", "j", "threshold_rounding", "counts", "outlier_mode", "reduction",
-                "gamma_warmup_epochs", "gamma_ramp_epochs"),
+                "gamma_warmup_epochs", "gamma_ramp_epochs", "gamma_warmup_fraction", "gamma_ramp_fraction"),
 }
 """The :class:`LossConfig` fields read only by one term of :class:`lggseg.losses.CompoundLoss`; ``smooth``
 serves both dice and outlier. A field added to a term of the losses is added here, or a change of it

@@ -302,8 +302,8 @@ def evaluate_model(
 SPLITS = ("train", "val", "test")
 # Training facts copied from each model's model.json (or, for older models, its result.json).
 _TRAINING_KEYS = ("image_size", "pretrained", "epochs", "epochs_planned", "epochs_done", "stop_reason", "max_minutes",
-                  "best_epoch", "best_val_dice", "best_epoch_gamma", "selection_rule", "wall_seconds", "train_seconds",
-                  "device", "world_size", "hardware", "software", "fingerprint")
+                  "best_epoch", "best_val_dice", "best_epoch_gamma", "selection_rule", "gamma_max", "gamma_reached_full",
+                  "wall_seconds", "train_seconds", "device", "world_size", "hardware", "software", "fingerprint")
 
 
 def _training_record(meta: Mapping[str, Any]) -> dict[str, Any]:

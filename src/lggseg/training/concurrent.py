@@ -1,10 +1,10 @@
 """Several training variants in one process, their steps interleaved (issue #11, part 2).
 
-:func:`train_variants` trains a list of (variant, seed) runs the way :func:`lggseg.training.session.train_variant`
+:func:`train_variants` trains a list of (variant, seed) runs the way :func:`lggseg.training.trainer.train_variant`
 trains one, but all at once: one opened manifest store for all of them and, on the device-resident
 path (:mod:`lggseg.data.resident`), one copy of each split on the device per image size; each run keeps
 its own model, optimiser, loss, checkpoint, log and, on CUDA, its own ``torch.cuda.Stream``. The
-runs take turns step by step (round robin over :meth:`lggseg.training.session.Session.steps`), so while the
+runs take turns step by step (round robin over :meth:`lggseg.training.trainer.Trainer.step`), so while the
 host launches one run's kernels the GPU can still be busy with the kernels another run queued on its
 stream, and no run's host synchronisation waits for another's work. On the CPU the turns buy no
 speed (one core set does all the work either way); they exist there so that this scheduling is
@@ -12,7 +12,7 @@ tested where runs are deterministic.
 
 Same result as alone
     Every run gets exactly what it gets from ``train_variant``: the same history, best epoch and
-    saved weights bit for bit on the CPU (``tests/test_concurrent.py``). A step draws on
+    saved weights bit for bit on the CPU (``tests/training/test_concurrent.py``). A step draws on
     process-wide state: Python's ``random``, NumPy's global generator, torch's CPU generator and the
     device's, and the switches of :func:`lggseg.training.step.applied` (threads, deterministic algorithms,
     cuDNN autotuning). Each run owns a copy of the random streams (:class:`RandomState`), swapped
@@ -52,8 +52,9 @@ import torch
 
 from lggseg.config import ConfigError, RunConfig
 from lggseg.runtime import init_distributed
-from lggseg.training.session import Session, resume_point
+from lggseg.training.checkpoint import resume_point
 from lggseg.training.step import StepSetup, applied, step_setup
+from lggseg.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,14 @@ class RandomState:
 
 @dataclass
 class _Lane:
-    """One run in the rotation: its session, set-up, stream and random streams."""
+    """One run in the rotation: its trainer, set-up, stream and random streams."""
 
     index: int
     label: str
-    session: Session | None
+    trainer: Trainer | None
     setup: StepSetup
     stream: Any  # torch.cuda.Stream on CUDA, None on the CPU
     rng: RandomState
-    steps: Iterator[None] | None = None
 
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager:
@@ -144,7 +144,7 @@ def train_variants(
 
     store_dir, device = Path(store_dir), info.device
     store = load_store(store_dir)
-    shared: dict[tuple, Any] = {}  # one device copy of each split per image size (lggseg.training.trainer._Trainer._resident)
+    shared: dict[tuple, Any] = {}  # one device copy of each split per image size (lggseg.training.batches)
     results: list[dict[str, Any] | None] = [None] * len(runs)
     errors: list[tuple[int, BaseException]] = []
 
@@ -165,21 +165,20 @@ def train_variants(
     try:
         for k, (run, out, seed) in enumerate(zip(runs, out_dirs, seeds, strict=True)):
             setup = step_setup(run.train, device)
-            fingerprint, stored, state = resume_point(run, store_dir, out, seed, resume, info, setup)
+            fingerprint, stored, state = resume_point(run, store_dir, out, seed, resume, info, setup.bf16)
             if stored is not None:
                 finished(k, stored)
                 continue
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
             lane = _Lane(k, f"{run.variant} seed {seed}", None, setup, stream, outer)
             try:
-                with _turn(lane, device):  # Session seeds every stream itself, as train_variant's does
-                    lane.session = Session(run, store_dir, out, seed, info, setup, fingerprint, state, store=store,
+                with _turn(lane, device):  # the Trainer seeds every stream itself, as train_variant's does
+                    lane.trainer = Trainer(run, store_dir, out, seed, info, setup, fingerprint, state, store=store,
                                            shared=shared, progress=False)
             except Exception as exc:  # noqa: BLE001 - this run cannot start; the others still can
                 failed(k, exc)
                 continue
             del state
-            lane.steps = lane.session.steps()
             lanes.append(lane)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the shared data and every model, made on their streams, are complete
@@ -191,18 +190,18 @@ def train_variants(
                 result = None
                 try:
                     with _turn(lane, device):
-                        try:
-                            next(lane.steps)
-                        except StopIteration:
-                            result = lane.session.finish()
+                        if lane.trainer.done:
+                            result = lane.trainer.finish()
+                        else:
+                            lane.trainer.step()
                 except Exception as exc:  # noqa: BLE001 - one run's failure does not stop the others
                     active.remove(lane)
-                    lane.session = lane.steps = None
+                    lane.trainer = None
                     failed(lane.index, exc)
                     continue
                 if result is not None:
                     active.remove(lane)
-                    lane.session = lane.steps = None  # its model and optimiser can go before the next turn
+                    lane.trainer = None  # its model and optimiser can go before the next turn
                     finished(lane.index, result)
                     if device.type == "cuda":
                         # the caching allocator reuses a freed block only on the stream it was used on: hand
