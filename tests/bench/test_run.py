@@ -142,7 +142,7 @@ def test_a_run_writes_every_reported_figure_and_keeps_other_devices(tmp_path):
     setups = e["training"]["setups"]
     assert {"baseline", "ours"} <= set(setups) and setups["baseline"]["speedup_vs_baseline"] == 1.0
     for v in setups.values():
-        assert v["speedup_vs_baseline"] == pytest.approx(v["images_per_s"] / setups["baseline"]["images_per_s"], rel=2e-3)
+        assert v["speedup_vs_baseline"] == pytest.approx(v["images_per_s"] / setups["baseline"]["images_per_s"], rel=7e-3)  # stored to 3 (ratio) and 4 (rates) significant digits
     assert e["training"]["speedup"] == setups[e["training"]["ours"]]["speedup_vs_baseline"]
     assert set(e["loss"]["terms"]) == {"bce", "dice", "outlier_paper", "outlier_isolated_bce"}
     assert list(e["loss"]["outlier_by_j"]["seconds"]) == ["21", "41"]
