@@ -21,6 +21,8 @@ from lggseg.reporting.paired import (
     PairedStat,
     combine,
     comparisons,
+    curve_range,
+    levelling_line,
     load_patients,
     pair_seeds,
     paired_differences,
@@ -29,6 +31,7 @@ from lggseg.reporting.paired import (
     verdict,
     wilcoxon_p,
 )
+from lggseg.reporting.results import Result
 
 # --------------------------------------------------------------------------- statistics
 
@@ -149,6 +152,32 @@ def test_load_patients_keeps_raw_rows_and_checks(tmp_path):
     rows.assign(dice_3d=[1.5, 0.8]).to_csv(path, index=False)
     with pytest.raises(DataError, match="fractions"):
         load_patients(path)
+
+
+@pytest.mark.parametrize(("curve", "expected"), [
+    ([0.5, 0.80, 0.805, 0.81], 0.01),   # the last three within 0.01: levelled (the rule is <=)
+    ([0.80, 0.81, 0.79], 0.02),
+    ([0.7, 0.8], None),                  # too short to tell
+])
+def test_curve_range(curve, expected):
+    got = curve_range(curve)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+def test_levelling_line_names_each_run():
+    def result(name, curves):
+        m = metrics_file()
+        m["provenance"] = {"training": {s: ({} if c is None else {"val_dice_by_epoch": c}) for s, c in curves.items()}}
+        return results_for(PARAMS, {name: m})[0]
+
+    line = levelling_line([result("regnet_bce", {"23": [0.5, 0.8, 0.805, 0.81]}),
+                           result("regnet_attr_bce_dice", {"23": [0.6, 0.7, 0.8], "24": [0.7, 0.8], "25": None}),
+                           Result("unet_bce", results_for(PARAMS, {"unet_bce": metrics_file()})[0].run, metrics_file())])
+    assert line.startswith("Levelling-off (validation Dice of the last 3 epochs within 0.01 of each other): "
+                           "1 of 5 runs have levelled off; ")
+    assert "not levelled (range of the last epochs): `regnet_attr_bce_dice` seed 23 (0.200)" in line
+    assert "fewer than 3 epochs: `regnet_attr_bce_dice` seed 24" in line
+    assert "no validation curve recorded: `regnet_attr_bce_dice` seed 25, `unet_bce`." in line
 
 
 # --------------------------------------------------------------------------- the paper's comparisons

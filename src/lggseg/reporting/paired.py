@@ -228,6 +228,52 @@ def noise_floor(results: Sequence[Result], patients: Mapping[str, pd.DataFrame])
     return out
 
 
+# --------------------------------------------------------------------------- levelling off
+
+LEVEL_EPOCHS = 3
+LEVEL_TOLERANCE = 0.01
+"""A run has levelled off when its validation Dice of the last ``LEVEL_EPOCHS`` epochs lies within
+``LEVEL_TOLERANCE`` (max - min): the criterion params.cpu.yaml states before its runs."""
+
+
+def curve_range(curve: Sequence[float]) -> float | None:
+    """max - min of the last :data:`LEVEL_EPOCHS` values (None: fewer epochs than that)."""
+    if len(curve) < LEVEL_EPOCHS:
+        return None
+    tail = [float(x) for x in curve[-LEVEL_EPOCHS:]]
+    return max(tail) - min(tail)
+
+
+def levelling_line(results: Sequence[Result]) -> str:
+    """Which runs (variant, seed) meet the levelling-off criterion, from ``provenance.training.*.val_dice_by_epoch``."""
+    ok, short, not_ok, unknown = [], [], [], []
+    for r in results:
+        training = ((r.metrics.get("provenance") or {}).get("training") or {})
+        if not training:
+            unknown.append(f"`{r.name}`")
+        for seed, t in training.items():
+            curve = t.get("val_dice_by_epoch") if isinstance(t, Mapping) else None
+            run = f"`{r.name}` seed {seed}"
+            if not isinstance(curve, list):
+                unknown.append(run)
+            elif (width := curve_range(curve)) is None:
+                short.append(run)
+            elif width <= LEVEL_TOLERANCE + 1e-9:  # 0.81 - 0.80 is 0.0100000001 in floats
+                ok.append(run)
+            else:
+                not_ok.append(f"{run} ({width:.3f})")
+    total = len(ok) + len(short) + len(not_ok) + len(unknown)
+    parts = [f"{len(ok)} of {total} runs have levelled off"]
+    if not_ok:
+        parts.append("not levelled (range of the last epochs): " + ", ".join(not_ok))
+    if short:
+        parts.append(f"fewer than {LEVEL_EPOCHS} epochs: " + ", ".join(short))
+    if unknown:
+        parts.append("no validation curve recorded: " + ", ".join(unknown))
+    return (f"Levelling-off (validation Dice of the last {LEVEL_EPOCHS} epochs within {LEVEL_TOLERANCE} of each other): "
+            + "; ".join(parts) + ".")
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -298,6 +344,7 @@ def paired_markdown(results: Sequence[Result], patients: Mapping[str, pd.DataFra
         "this scale**. A table is reproduced (reversed) only when all its comparisons are.",
         "",
     ]
+    lines += [levelling_line(results), ""]
     usable = [r for r in results if r.name in patients]
     absent = [r.name for r in results if r.name not in patients]
     floors = noise_floor(usable, patients)
