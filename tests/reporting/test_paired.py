@@ -75,8 +75,8 @@ def test_wilcoxon_p_is_scipys_and_empty_is_nan():
     assert paired_stat([]).n == 0
 
 
-def _stat(mean, lo, hi, n=10):
-    return PairedStat(n, mean, (lo, hi), 0.01)
+def _stat(mean, lo, hi, n=10, p=0.01):
+    return PairedStat(n, mean, (lo, hi), p)
 
 
 @pytest.mark.parametrize(("stat", "paper", "floor", "expected"), [
@@ -91,6 +91,9 @@ def _stat(mean, lo, hi, n=10):
     (_stat(0.01, 0.0, 0.03), 0.005, None, UNRESOLVED),         # touching 0 is holding it
     (_stat(0.02, 0.01, 0.03, n=1), 0.005, None, UNRESOLVED),   # one patient
     (_stat(0.02, math.nan, math.nan), 0.005, None, UNRESOLVED),
+    (_stat(0.02, 0.01, 0.03, p=0.05), 0.005, None, UNRESOLVED),  # the rank test does not agree
+    (_stat(0.02, 0.01, 0.03, p=0.049), 0.005, None, REPRODUCED),
+    (_stat(-0.02, -0.03, -0.01, p=0.5), 0.005, None, UNRESOLVED),
     (_stat(0.02, 0.01, 0.03), None, None, "B better"),         # no claim of the paper's
     (_stat(-0.02, -0.03, -0.01), None, 0.01, "A better"),
     (_stat(-0.02, -0.03, -0.01), None, 0.05, UNRESOLVED),

@@ -19,9 +19,8 @@ regnet_attr_bce_dice) is the same configuration retrained; the *seed spread* of 
 largest difference of its patient mean between two of those seeds. A difference inside it is not a finding.
 
 The verdict rule (:func:`verdict`), per metric: **reproduced** when the interval excludes 0 on the paper's
-side and the difference exceeds the seed spread (when one was measured); **reversed** when the interval
-excludes 0 on the other side and the difference exceeds the spread; otherwise **not resolvable at this
-scale**. A comparison is reproduced (reversed) only when both metrics say so; a table is reproduced
+side, the Wilcoxon p is below 0.05 and the difference exceeds the seed spread (when one was measured);
+**reversed** the same on the other side; otherwise **not resolvable at this scale**. A comparison is reproduced (reversed) only when both metrics say so; a table is reproduced
 (reversed) only when every comparison the paper makes in it is, and otherwise not resolvable.
 """
 
@@ -48,6 +47,8 @@ PAIRED_METRICS = {"dice_3d": "patient-3D Dice", "dice_slice_mean": "slice-mean D
 """``patients.csv`` column -> its name in the tables."""
 
 REPRODUCED, REVERSED, UNRESOLVED = "reproduced", "reversed", "not resolvable at this scale"
+ALPHA = 0.05
+"""The Wilcoxon p below which a difference may count (besides its interval and the seed spread)."""
 PATIENT_COLUMNS = ("seed", "postprocessed", "patient_id", *PAIRED_METRICS)
 
 
@@ -109,6 +110,10 @@ def verdict(stat: PairedStat, paper_diff: float | None, floor: float | None) -> 
     answer is then ``B better`` / ``A better`` / not resolvable by the same interval-and-spread test."""
     lo, hi = stat.ci
     if stat.n < 2 or not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
+        return UNRESOLVED
+    # a percentile bootstrap of a handful of patients can exclude 0 by itself (2 patients: always, unless
+    # they differ in sign); the rank test guards against that
+    if not stat.p < ALPHA:
         return UNRESOLVED
     if floor is not None and abs(stat.mean) <= floor:
         return UNRESOLVED
@@ -339,8 +344,8 @@ def paired_markdown(results: Sequence[Result], patients: Mapping[str, pd.DataFra
         "difference in Dice points, its paired patient-bootstrap 95% interval "
         f"({n_samples} resamples, seed {seed}), the Wilcoxon signed-rank p and n patients, beside the paper's "
         "difference of DSC. Slice-mean Dice here is each patient's mean over its slices. Verdict per comparison: "
-        "**reproduced** when the interval of both metrics excludes 0 on the paper's side and the difference exceeds "
-        "the seed spread (when measured); **reversed** the same on the other side; otherwise **not resolvable at "
+        "**reproduced** when for both metrics the interval excludes 0 on the paper's side, the Wilcoxon p is below "
+        f"{ALPHA} and the difference exceeds the seed spread (when measured); **reversed** the same on the other side; otherwise **not resolvable at "
         "this scale**. A table is reproduced (reversed) only when all its comparisons are.",
         "",
     ]
