@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo laptop test test-fast lint repro bench guard clean-demo wheelhouse bundle
+.PHONY: install demo laptop cpu-tables test test-fast lint repro bench guard clean-demo wheelhouse bundle
 
 # Everything: the core package, the DVC pipeline's extras (dvc, dvclive, kagglehub, albumentations)
 # and the test tools. An offline GPU node needs only the core (`make wheelhouse`, `make bundle`).
@@ -24,6 +24,19 @@ laptop: install
 	@test -n "$(DATA)" || { echo "usage: make laptop DATA=/path/to/kaggle_3m (or the Kaggle zip)" >&2; exit 2; }
 	$(BIN)/python -m lggseg.workspace --dest laptop --overrides params.laptop.yaml \
 		--set fetch.source=$(abspath $(DATA)) --targets evaluate@laptop
+
+# Tables 2-4 at CPU scale (params.cpu.yaml, issue 21): all 12 variants + 2 more seeds, ~7.5 h on 2 cores.
+# In sittings: PART=23 (the regnetz_040 variants and seeds, ~2.8 h), PART=4 (the other encoders, ~4.7 h), then
+# without PART (the rest: figure 9 and the report). The workspace cpu/ keeps what is done between sittings.
+CPU_PART_23 := $(addprefix evaluate@,regnet_bce regnet_attr_bce regnet_attr_bce_dice regnet_attr_bce_dice_outlier \
+	regnet_attr_bce_dice_isolated)
+CPU_PART_4 := $(addprefix evaluate@,unet_bce resnet101_bce effb5_bce xception65_bce repvgg_b2_bce effv2m_bce \
+	swinv2_base_bce)
+cpu-tables: install
+	@test -n "$(DATA)" || { echo "usage: make cpu-tables DATA=/path/to/kaggle_3m [PART=23|4]" >&2; exit 2; }
+	@case "$(PART)" in ""|23|4) ;; *) echo "make cpu-tables: PART must be 23, 4 or empty, got $(PART)" >&2; exit 2;; esac
+	$(BIN)/python -m lggseg.workspace --dest cpu --overrides params.cpu.yaml \
+		--set fetch.source=$(abspath $(DATA)) $(if $(PART),--targets $(CPU_PART_$(PART)))
 
 # Tests marked bf16path follow LGGSEG_CPU_BF16 and run under both settings, so the bf16 and the float32
 # CPU paths are checked on either CPU type (bf16 is emulated, slower, where the CPU lacks it).

@@ -116,6 +116,28 @@ def test_variant_overrides_merge_and_roundtrip():
     assert run_config_from_dict(run.to_dict()) == run
 
 
+@pytest.mark.parametrize(("global_seeds", "own", "expected"), [
+    ([23], None, (23,)),                 # no own list: the global one
+    ([23], [23, 24, 25], (23, 24, 25)),  # the noise-floor variant's own list replaces it
+    ([1, 2], [7], (7,)),
+])
+def test_a_variant_may_have_its_own_seeds(global_seeds, own, expected):
+    params = read_params(REPO / "params.yaml")
+    params["seeds"] = global_seeds
+    if own is not None:
+        params["variants"]["regnet_attr_bce_dice"]["seeds"] = own
+    assert resolve_variant(params, "regnet_attr_bce_dice").seeds == expected
+    assert resolve_variant(params, "regnet_bce").seeds == tuple(global_seeds)
+
+
+@pytest.mark.parametrize("own", [23, [23, 23], [-1], "23"])
+def test_a_variants_own_seeds_are_validated(own):
+    params = read_params(REPO / "params.yaml")
+    params["variants"]["regnet_attr_bce_dice"]["seeds"] = own
+    with pytest.raises(ConfigError, match="seeds"):
+        resolve_variant(params, "regnet_attr_bce_dice")
+
+
 def test_unknown_variant_and_keys():
     params = read_params(REPO / "params.yaml")
     with pytest.raises(ConfigError, match="unknown variant"):

@@ -92,4 +92,34 @@ def test_cpu_profile_overrides_validate(tmp_path):
     out = tmp_path / "configs"
     assert _configure(_write(tmp_path / "params.yaml", params), out).returncode == 0
     run = load_run_config(out / "regnet_attr_bce_dice.yaml")
-    assert (run.common.image_size, run.common.device, run.model.pretrained) == (64, "cpu", False)
+    assert (run.common.image_size, run.common.device, run.model.pretrained) == (96, "cpu", False)
+    assert run.seeds == (23, 24, 25)  # the noise floor: this variant alone, three seeds
+
+
+# The recipe of params.cpu.yaml (issue 21): settings every variant must share, so that a table compares
+# only what it is about. A (section, field) listed here that differs between two variants fails.
+RECIPE = [("train", f) for f in ("epochs", "max_minutes", "batch_size", "lr", "lr_schedule", "warmup_epochs",
+                                 "empty_slice_fraction", "epoch_slices", "amp", "augment", "weight_decay")]
+RECIPE += [("common", "image_size"), ("model", "pretrained"), ("model", "decoder_channels")]
+
+
+def test_cpu_profile_is_one_recipe_for_all_twelve_variants():
+    base = read_params(REPO / "params.yaml")
+    params = deep_merge(base, read_params(REPO / "params.cpu.yaml"))
+    assert list(params["variants"]) == list(base["variants"]) and len(params["variants"]) == 12
+    runs = {name: resolve_variant(params, name) for name in params["variants"]}
+    for section, field in RECIPE:
+        values = {name: repr(getattr(getattr(run, section), field)) for name, run in runs.items()}
+        assert len(set(values.values())) == 1, (section, field, values)
+    one = runs["regnet_bce"]
+    assert (one.common.image_size, one.train.epochs, one.train.empty_slice_fraction) == (96, 8, 0.33)
+    assert (one.train.lr_schedule, one.train.augment.extra, one.model.pretrained) == ("cosine", True, False)
+    # the paper's models are kept: encoders and heads as in params.yaml
+    for name, run in runs.items():
+        plain = resolve_variant(base, name)
+        assert (run.model.arch, run.model.encoder, run.model.attributes, run.loss.terms) == \
+            (plain.model.arch, plain.model.encoder, plain.model.attributes, plain.loss.terms), name
+    # only the noise-floor variant has three seeds; the outlier variants reach full gamma in the plan
+    assert {n: r.seeds for n, r in runs.items() if r.seeds != (23,)} == {"regnet_attr_bce_dice": (23, 24, 25)}
+    outl = runs["regnet_attr_bce_dice_outlier"].loss
+    assert outl.gamma_warmup_fraction + outl.gamma_ramp_fraction < 1

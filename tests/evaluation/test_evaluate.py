@@ -184,6 +184,15 @@ def test_provenance_of_a_model_saved_before_the_new_keys(tmp_path):
     assert prov["training"]["2"]["stop_reason"] is None  # nothing known, nothing invented
     assert prov["image_size"] == [16, 32]  # two seeds at two sizes: both listed
     assert prov["data"]["source"] is None and prov["data"]["fingerprint"] is None  # a store without store.json facts
+    assert "val_dice_by_epoch" not in old  # no history recorded: nothing invented
+
+
+def test_provenance_keeps_the_validation_curve(tmp_path):
+    history = [{"epoch": e, "train/loss": 1.0, "val/dice": d} for e, d in enumerate((0.61, 0.7, 0.75), start=1)]
+    (tmp_path / "result.json").write_text(json.dumps({"history": history}))
+    meta = {**_meta(attributes=False), **TRAINED, "model_dir": str(tmp_path)}
+    prov = evaluate_loaded({23: (BrightModel(), meta)}, make_store(), CFG, POST, "cpu").metrics["provenance"]
+    assert prov["training"]["23"]["val_dice_by_epoch"] == [0.61, 0.7, 0.75]
 
 
 def test_no_postprocessing_block_when_disabled():

@@ -1,7 +1,8 @@
 """Training variants: ``variants.<name>`` merged into a :class:`RunConfig`, and the ``configure`` stage's rule.
 
 Training variants (paper Tables 2-4) are data: ``variants.<name>`` holds overrides of the ``model``,
-``loss`` and ``train`` sections. :func:`resolve_variant` merges them into a :class:`RunConfig`, which
+``loss`` and ``train`` sections, and optionally its own ``seeds`` list, which replaces the global one.
+:func:`resolve_variant` merges them into a :class:`RunConfig`, which
 :func:`write_configs` (the ``configure`` stage) writes to ``configs/<name>.yaml``. Each ``train@<name>``
 stage depends on that file only, so ``dvc exp run -S loss.gamma=0.5`` re-trains exactly the variants
 whose resolved configuration changes: :func:`canonical` writes the loss settings of the terms a variant
@@ -23,7 +24,7 @@ from lggseg.config.sections import SECTIONS, LossConfig, ModelConfig, RunConfig,
 from lggseg.errors import ConfigError
 from lggseg.io import write_text
 
-_VARIANT_KEYS = {"model", "loss", "train", "tables", "label"}
+_VARIANT_KEYS = {"model", "loss", "train", "tables", "label", "seeds"}
 
 
 def variant_names(params: Mapping[str, Any]) -> list[str]:
@@ -45,9 +46,12 @@ def resolve_variant(params: Mapping[str, Any], name: str) -> RunConfig:
     if unknown:
         raise ConfigError(f"variants.{name}: unknown key(s) {unknown}; allowed: {sorted(_VARIANT_KEYS)}")
     sec = {k: deep_merge(params.get(k) or {}, over.get(k) or {}) for k in ("model", "loss", "train")}
-    seeds = params.get("seeds", [23])
+    # A variant's own ``seeds`` replaces the global list: one variant retrained with several seeds measures
+    # the seed-to-seed noise floor (issue 21) without retraining every other variant.
+    seeds = over.get("seeds", params.get("seeds", [23]))
     if not isinstance(seeds, (list, tuple)):
-        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+        where = f"variants.{name}.seeds" if "seeds" in over else "seeds"
+        raise ConfigError(f"{where} must be a list of integers, got {seeds!r}")
     tables = over.get("tables", [])
     if not isinstance(tables, (list, tuple)):
         raise ConfigError(f"variants.{name}.tables must be a list")

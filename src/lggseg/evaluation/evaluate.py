@@ -332,6 +332,10 @@ def training_provenance(meta: Mapping[str, Any]) -> dict[str, Any]:
     out["epochs_done"] = rec.get("epochs_done", rec.get("epochs"))
     if out["stop_reason"] is None and rec.get("epochs") is not None:
         out["stop_reason"] = "completed"
+    # the validation curve, so the report can check that it levelled off (issue 21); absent when not recorded
+    history = rec.get("history")
+    if isinstance(history, list) and history and all(isinstance(h, Mapping) and "val/dice" in h for h in history):
+        out["val_dice_by_epoch"] = [float(h["val/dice"]) for h in history]
     return out
 
 

@@ -8,6 +8,9 @@ mapped to paper rows by their settings (loss terms for Table 2, ``model.attribut
 ``model.arch``/``model.encoder`` for Table 4) and their ``tables`` membership in ``params.yaml``,
 never by variant name.
 
+Beside the tables, the paired per-patient comparisons of the paper's claims with the seed noise floor and
+a verdict per table (:mod:`lggseg.reporting.paired`, from ``data/eval/<variant>/patients.csv``).
+
 Figures: paper Fig. 7 (BCE vs BCE + Dice + outlier loss: contours and probability heatmaps),
 Fig. 8 (Table 4 encoders on the same slices), the dataset's ground-truth component sizes (the
 "six regions smaller than 7 x 7" of section 4.1.3) and a Dice-by-variant chart with bootstrap CIs.
@@ -36,6 +39,7 @@ from lggseg.config import ConfigError, load_section
 from lggseg.errors import DataError
 from lggseg.io import write_text
 from lggseg.reporting import plotting
+from lggseg.reporting.paired import load_patients, paired_markdown
 from lggseg.reporting.results import (
     FigureSlices,
     Result,
@@ -276,12 +280,15 @@ def build_report(
     components = load_components(manifest_dir / "components.csv")
     data_json = metrics_dir / "data.json"
     summary = _read_json(data_json) if data_json.is_file() else None
+    # per-patient rows of the paired comparisons; a variant without them is named in the section, not an error
+    patients = {r.name: load_patients(path) for r in results if (path := eval_dir / r.name / "patients.csv").is_file()}
     fig7 = figure7_variants(results)
     fig8 = figure8_variants(results)
     slices = {r.name: load_figure_slices(eval_dir / r.name / "figure_slices.npz")
               for r in tqdm({r.name: r for r in (*fig7, *fig8)}.values(), desc="figure slices", leave=False)}
     write_report(params, results, source, components, slices, out_md, plots_dir,
-                 where=ReportSources(eval_dir, manifest_dir / "components.csv", data_json, summary), fig7=fig7, fig8=fig8)
+                 where=ReportSources(eval_dir, manifest_dir / "components.csv", data_json, summary), fig7=fig7, fig8=fig8,
+                 patients=patients)
 
 
 @dataclass(frozen=True)
@@ -308,11 +315,14 @@ def write_report(
     fig7: tuple[Result, Result] | None,
     fig8: list[Result] | None,
     missing: Mapping[str, str] | None = None,
+    patients: Mapping[str, pd.DataFrame] | None = None,
 ) -> None:
     """The report of loaded, validated inputs: :func:`build_report` (the stage) and
     :func:`lggseg.reporting.folder.build_folder_report` (a ``lggseg reproduce`` folder) both end here.
 
-    ``fig7``/``fig8`` None: that figure is not drawn, for the reason in ``missing[figure]``.
+    ``fig7``/``fig8`` None: that figure is not drawn, for the reason in ``missing[figure]``. ``patients``:
+    each variant's per-patient rows (:func:`lggseg.reporting.paired.load_patients`) for the paired comparisons;
+    None leaves that section out.
     """
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     evaluate = load_section("evaluate", params)
@@ -353,6 +363,8 @@ def write_report(
     lines += ["## Paper tables", ""]
     for table in ("table2", "table3", "table4"):
         lines += paper_table_markdown(table, results)
+    if patients is not None:
+        lines += paired_markdown(results, patients, n_samples=evaluate.bootstrap_samples, seed=evaluate.bootstrap_seed)
     lines += [f"![Test Dice by variant]({links['dice']})", ""]
     lines += ["## Figures", ""]
     lines.append(f"- Figure 7 (loss comparison, `{fig7[0].name}` vs `{fig7[1].name}`): ![figure 7]({links['figure7']})"
