@@ -17,6 +17,10 @@ every variant's network (built on the meta device) and its starting weights (:fu
    :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
    rewritten with that variant's results added.
 
+Every output is written as soon as it exists: ``training.csv`` after every epoch of every run, a
+variant's metrics, per-slice rows and figure arrays as its evaluation ends, ``environment.json`` after
+each phase; each file atomically, so a kill at any moment leaves every finished piece readable.
+
 ``DIR`` is the folder of :mod:`lggseg.reporting.folder` (the one owner of its format, written through
 its :class:`~lggseg.reporting.folder.FolderWriter`): ``params.yaml`` (the merged parameters, ``variants``
 reduced to those asked for), ``metrics.json``, ``slices.csv``, ``figure_slices.npz``, ``training.csv``,
@@ -258,6 +262,10 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
         folder.add_variant(v, evaluation.metrics, evaluation.slices, evaluation.figures, results)
         log.info("%s: test Dice slice mean %.4f -> %s", v, evaluation.metrics["dice_slice_mean"], out)
 
+    def on_epoch(k: int, row: dict[str, float]) -> None:
+        v, seed = jobs[k]
+        folder.add_epoch(v, seed, row)
+
     def on_error(k: int, exc: BaseException) -> None:
         v, seed = jobs[k]
         env["variants"][v] = {"status": "failed", "error": f"seed {seed}: {' '.join(str(exc).split())}"}
@@ -265,7 +273,7 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
 
     t0 = time.perf_counter()
     train_variants([runs[v] for v, _ in jobs], store_dir, [work / "models" / v / f"seed_{s}" for v, s in jobs],
-                   [s for _, s in jobs], on_result=on_result, on_error=on_error)
+                   [s for _, s in jobs], on_result=on_result, on_error=on_error, on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     # a run's images: its img/s times its training seconds (result.json keeps the rate, not the count)
     images = sum((r.get("images_per_second") or 0) * (r.get("train_seconds") or 0) for rs in trained.values() for r in rs)
