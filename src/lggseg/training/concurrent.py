@@ -23,7 +23,8 @@ Same result as alone
 
 Time budget
     ``train.max_minutes`` keeps its meaning, over a clock that the runs share: a run's epoch time
-    is measured from its first step to the end of its validation, turns of the other runs included,
+    is measured from the end of its previous epoch to the end of this one's validation, turns of the
+    other runs (their validations, checkpoints, a finished variant's evaluation) included,
     so its estimate of "one more epoch" is what one more round of all running variants costs, and
     each run stops at an epoch boundary before the budget would be overrun. For the same reason
     ``train_seconds`` and ``images_per_second`` in a run's ``result.json`` describe its share of the
