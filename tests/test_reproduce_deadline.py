@@ -90,6 +90,7 @@ def test_synthetic_rehearsal_ends_inside_its_deadline(tmp_path):
     wall = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     assert wall < 180, f"took {wall:.0f} s"
+    assert "deadline 3 min: took " in res.stdout and "MISSED" not in res.stdout
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES.values())
     folder = read_folder(out)

@@ -43,9 +43,11 @@ A deadline for the whole command (``--deadline-minutes M``, :func:`plan_deadline
     (the first variant's, untrained, evaluated on the test split and timed, times its seeds) and the
     saves at the end (as long again as the builds), less a margin of ``max(10 s, 10 % of M)`` for
     what is not measured (an epoch that runs past its estimate, the shared data's first copy to the
-    device). A deadline too short for one epoch is one line and exit status 2 before training starts.
-    ``environment.json`` keeps the plan and, at the end, the actual seconds of each phase
-    (``deadline``).
+    device). The deadline counts from the start of :func:`main` (the interpreter's start-up before it,
+    a second or two, is in the margin); a ``train.max_minutes`` or ``--max-minutes`` below the planned
+    budget is kept. A deadline that leaves no time to train is one line and exit status 2 before
+    training starts. ``environment.json`` keeps the plan and, at the end, the actual seconds of each
+    phase (``deadline``: ``planned``, ``actual``, ``met``).
 
 Bad input (a missing raw folder, an unknown variant, a bad override) is one line on stderr and exit
 status 2, before any work. A variant whose training fails does not stop the others; it is recorded
@@ -471,6 +473,11 @@ def main(argv: list[str] | None = None, prog: str = "lggseg reproduce") -> int:
         if r["status"] == "done":
             epochs = ", ".join(f"{s['epochs_done']}/{s['epochs']} epochs" for s in r["seeds"].values())
             print(f"{v}: test Dice slice mean {r['dice_slice_mean']:.4f} ({epochs})")
+    if env.get("deadline"):
+        d = env["deadline"]
+        print(f"deadline {d['minutes']:g} min: took {d['actual']['total_s']:.0f} s (training budget "
+              f"{d['planned']['training_s']:.0f} s, margin {d['planned']['margin_s']:.0f} s)"
+              + ("" if d["met"] else ": MISSED"))
     print(f"{args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
     for v, error in failed.items():
         print(f"reproduce: {v} failed: {error}", file=sys.stderr)
