@@ -8,6 +8,8 @@ whole (every variant asked for, through the config dataclasses) before any work;
 every variant's network (built on the meta device) and its starting weights (:func:`check_models`: a
 ``model.pretrained`` variant on an offline machine without cached weights stops here); then
 
+0. with ``--synthetic N`` instead of ``--raw``, the dress rehearsal: N synthetic cases in the Kaggle
+   layout (:func:`lggseg.data.synthetic.generate_demo`) written into the work folder first;
 1. the manifest store, built by :func:`lggseg.data.manifest.build_manifest` (the ``manifest`` stage's
    function) in a work folder outside ``DIR`` (``--work``; a temporary folder by default);
 2. every seed of every variant trained at once by :func:`lggseg.training.concurrent.train_variants`, the
@@ -16,6 +18,10 @@ every variant's network (built on the meta device) and its starting weights (:fu
 3. as soon as all seeds of a variant have finished, its test evaluation by
    :func:`lggseg.evaluation.evaluate.evaluate_model` (the ``evaluate`` stage's function), and ``DIR`` is
    rewritten with that variant's results added.
+
+Every output is written as soon as it exists: ``training.csv`` after every epoch of every run, a
+variant's metrics, per-slice rows and figure arrays as its evaluation ends, ``environment.json`` after
+each phase; each file atomically, so a kill at any moment leaves every finished piece readable.
 
 ``DIR`` is the folder of :mod:`lggseg.reporting.folder` (the one owner of its format, written through
 its :class:`~lggseg.reporting.folder.FolderWriter`): ``params.yaml`` (the merged parameters, ``variants``
@@ -28,6 +34,20 @@ and why training stopped, wall time and images/s; the images/s of all variants t
 ``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.folder.main`) then writes ``DIR/tables.md`` and the figures in
 ``DIR/plots/`` through :func:`lggseg.reporting.report.write_report`, the function the report stage ends in;
 Figures 7 and 8 are drawn when the variants they compare are in the folder.
+
+A deadline for the whole command (``--deadline-minutes M``, :func:`plan_deadline`)
+    The training budget (``train.max_minutes`` of every run, whose epoch plan is re-made after each
+    epoch, :mod:`lggseg.training.budget`) is what is left of ``M`` once the phases around training are
+    paid for: the time already spent (start-up, synthetic data, the manifest: measured), the build of
+    every run (each variant's network built once on the device and timed), every variant's evaluation
+    (the first variant's, untrained, evaluated on the test split and timed, times its seeds) and the
+    saves at the end (as long again as the builds), less a margin of ``max(10 s, 10 % of M)`` for
+    what is not measured (an epoch that runs past its estimate, the shared data's first copy to the
+    device). The deadline counts from the start of :func:`main` (the interpreter's start-up before it,
+    a second or two, is in the margin); a ``train.max_minutes`` or ``--max-minutes`` below the planned
+    budget is kept. A deadline that leaves no time to train is one line and exit status 2 before
+    training starts. ``environment.json`` keeps the plan and, at the end, the actual seconds of each
+    phase (``deadline``: ``planned``, ``actual``, ``met``).
 
 Bad input (a missing raw folder, an unknown variant, a bad override) is one line on stderr and exit
 status 2, before any work. A variant whose training fails does not stop the others; it is recorded
@@ -178,15 +198,83 @@ def check_models(runs: Mapping[str, RunConfig]) -> None:
                              f"{' '.join(str(exc).split())[:240]}") from None
 
 
-def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig],
-              work: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+MARGIN_FRACTION, MARGIN_MIN_S = 0.10, 10.0  # the deadline's margin: max(10 s, 10 % of the deadline)
+
+
+def deadline_margin(deadline_s: float) -> float:
+    """Seconds of the deadline kept free for what the plan does not measure: ``max(10 s, 10 %)``."""
+    return max(MARGIN_MIN_S, MARGIN_FRACTION * deadline_s)
+
+
+def plan_deadline(deadline_s: float, spent_s: float, build_s: Mapping[str, float], n_seeds: Mapping[str, int],
+                  evaluation_s: float) -> dict[str, Any]:
+    """The training budget that ends the command inside ``deadline_s``, and the estimate behind it.
+
+    ``spent_s``: seconds already gone; ``build_s``: seconds to build each variant's network (per run;
+    the saves at the end are counted as long again); ``n_seeds``: runs per variant; ``evaluation_s``:
+    one seed's evaluation. ``training_s`` may be <= 0: nothing is left to train in.
+    """
+    builds = sum(build_s[v] * n for v, n in n_seeds.items())
+    evaluation = {v: evaluation_s * n for v, n in n_seeds.items()}
+    margin = deadline_margin(deadline_s)
+    training = deadline_s - spent_s - 2 * builds - sum(evaluation.values()) - margin
+    return {"deadline_s": round(deadline_s, 2), "margin_s": round(margin, 2), "spent_s": round(spent_s, 2),
+            "build_s": round(builds, 2), "save_s": round(builds, 2),
+            "evaluation_s": {v: round(t, 2) for v, t in evaluation.items()}, "training_s": round(training, 2)}
+
+
+def measure_phases(runs: Mapping[str, RunConfig], store: Any, evaluate_cfg: Any, post: Any,
+                   device: Any) -> tuple[dict[str, float], float]:
+    """``({variant: seconds to build its network on the device}, seconds of one seed's test evaluation)``:
+    every variant built once (random initialisation unless ``model.pretrained``), the first one, untrained,
+    evaluated on the store's test split exactly as a trained one is (same slices, post-processing and
+    bootstrap), which also warms the device up."""
+    import dataclasses
+
+    import torch
+
+    from lggseg.evaluation.evaluate import evaluate_loaded
+    from lggseg.models import build_model
+
+    n_attributes = int(store.attributes.shape[1])
+    build_s: dict[str, float] = {}
+    first = None
+    for v, run in runs.items():
+        t = time.perf_counter()
+        torch.manual_seed(0)
+        model = build_model(run.model, n_attributes, run.common.image_size).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        build_s[v] = time.perf_counter() - t
+        if first is None:
+            first = (run, model)
+        del model
+    run, model = first
+    meta = {"image_size": run.common.image_size, "attribute_names": list(store.attribute_names),
+            "n_attributes": n_attributes, "model_config": dataclasses.asdict(run.model), "model_dir": "deadline probe"}
+    t = time.perf_counter()
+    evaluate_loaded({run.seeds[0]: (model.eval(), meta)}, store, evaluate_cfg, post, device)
+    return build_s, time.perf_counter() - t
+
+
+def reproduce(raw: str | Path | None, out: str | Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig],
+              work: str | Path | None = None, command: str | None = None, *, deadline_minutes: float | None = None,
+              started: float | None = None, synthetic: int | None = None) -> dict[str, Any]:
     """Manifest, training of ``runs`` at once, evaluation, the folder ``out``; returns ``environment.json``.
 
     ``params`` and ``runs`` come from :func:`effective_params`. ``work`` holds the store and the models
     (kept, so a rerun resumes the training); None: a temporary folder, removed at the end.
+    ``deadline_minutes``: the whole command's deadline, counted from ``started`` (a
+    ``time.perf_counter()``; default now), see the module's docstring. ``synthetic``: instead of ``raw``,
+    that many synthetic cases (:func:`lggseg.data.synthetic.generate_demo`) written into ``work``.
     """
-    raw, out = Path(raw), Path(out)
-    if not raw.is_dir():
+    started = time.perf_counter() if started is None else started
+    if (raw is None) == (synthetic is None):
+        raise ConfigError("reproduce: give either --raw or --synthetic N")
+    if synthetic is not None and (isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 1):
+        raise ConfigError(f"--synthetic must be a positive number of cases, got {synthetic!r}")
+    out = Path(out)
+    if raw is not None and not Path(raw).is_dir():
         raise DataError(f"--raw {raw}: no such folder (expected a kaggle_3m folder: case folders and data.csv)")
     check_models(runs)  # seconds; a variant that cannot build fails before the manifest
     temp = work is None
@@ -194,14 +282,19 @@ def reproduce(raw: str | Path, out: str | Path, params: Mapping[str, Any], runs:
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents:
         raise ConfigError(f"--work {work} must lie outside --out {out}: the output folder keeps to its 7 files")
     try:
-        return _reproduce(raw, out, params, runs, work, command)
+        if synthetic is not None:
+            from lggseg.data.synthetic import generate_demo
+
+            raw = generate_demo(work / "synthetic", synthetic)
+        raw = Path(raw)
+        return _reproduce(raw, out, params, runs, work, command, deadline_minutes, started)
     finally:
         if temp:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[str, RunConfig], work: Path,
-               command: str | None) -> dict[str, Any]:
+               command: str | None, deadline_minutes: float | None, started: float) -> dict[str, Any]:
     from lggseg.data.manifest import build_manifest
     from lggseg.data.store import load_store
     from lggseg.evaluation.evaluate import evaluate_model
@@ -231,11 +324,17 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
     env["seconds"] = {"manifest": round(time.perf_counter() - t0, 2)}
     folder.add_components(store_dir)
     folder.write_environment()
+    if deadline_minutes is not None:
+        try:
+            runs = _apply_deadline(runs, store, evaluate_cfg, post, device, deadline_minutes, started, env)
+        finally:  # the plan is recorded also when it leaves no time to train
+            folder.write_environment()
 
     jobs = [(v, s) for v in names for s in runs[v].seeds]
     pending = {v: len(runs[v].seeds) for v in names}
     trained: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
     evaluation_s = 0.0
+    t_train = time.perf_counter()
 
     def on_result(k: int, result: dict[str, Any]) -> None:
         nonlocal evaluation_s
@@ -258,6 +357,10 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
         folder.add_variant(v, evaluation.metrics, evaluation.slices, evaluation.figures, results)
         log.info("%s: test Dice slice mean %.4f -> %s", v, evaluation.metrics["dice_slice_mean"], out)
 
+    def on_epoch(k: int, row: dict[str, float]) -> None:
+        v, seed = jobs[k]
+        folder.add_epoch(v, seed, row)
+
     def on_error(k: int, exc: BaseException) -> None:
         v, seed = jobs[k]
         env["variants"][v] = {"status": "failed", "error": f"seed {seed}: {' '.join(str(exc).split())}"}
@@ -265,7 +368,7 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
 
     t0 = time.perf_counter()
     train_variants([runs[v] for v, _ in jobs], store_dir, [work / "models" / v / f"seed_{s}" for v, s in jobs],
-                   [s for _, s in jobs], on_result=on_result, on_error=on_error)
+                   [s for _, s in jobs], on_result=on_result, on_error=on_error, on_epoch=on_epoch)
     wall = time.perf_counter() - t0
     # a run's images: its img/s times its training seconds (result.json keeps the rate, not the count)
     images = sum((r.get("images_per_second") or 0) * (r.get("train_seconds") or 0) for rs in trained.values() for r in rs)
@@ -276,9 +379,50 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
     train_wall = wall - evaluation_s
     env["images_per_second_all_variants"] = round(images / train_wall, 2) if train_wall > 0 and images else None
     env["seconds"]["training"] = round(train_wall, 2)
+    if deadline_minutes is not None:
+        done = {v: r.get("evaluation_seconds") for v, r in env["variants"].items()}
+        total = time.perf_counter() - started
+        env["deadline"]["actual"] = {
+            "spent_s": env["deadline"]["planned"]["spent_s"], "probe_s": env["deadline"]["probe_s"],
+            "builds_training_and_saves_s": round(train_wall, 2), "evaluation_s": done,
+            "since_training_started_s": round(time.perf_counter() - t_train, 2), "total_s": round(total, 2)}
+        env["deadline"]["met"] = total <= deadline_minutes * 60
+        if not env["deadline"]["met"]:
+            log.warning("the command took %.0f s, past its deadline of %g minutes", total, deadline_minutes)
     env["finished"] = _now()
     folder.write_environment()
     return env
+
+
+def _apply_deadline(runs: Mapping[str, RunConfig], store: Any, evaluate_cfg: Any, post: Any, device: Any,
+                    deadline_minutes: float, started: float, env: dict[str, Any]) -> dict[str, RunConfig]:
+    """``runs`` with ``train.max_minutes`` set from the measured phases (:func:`plan_deadline`); the plan
+    goes to ``env["deadline"]``. Raises :class:`ConfigError` when no epoch fits."""
+    import dataclasses
+
+    t = time.perf_counter()
+    build_s, evaluation_s = measure_phases(runs, store, evaluate_cfg, post, device)
+    probe = time.perf_counter() - t
+    plan = plan_deadline(deadline_minutes * 60, time.perf_counter() - started, build_s,
+                         {v: len(r.seeds) for v, r in runs.items()}, evaluation_s)
+    env["deadline"] = {"minutes": deadline_minutes, "rule": "training = deadline - spent - builds - saves (= builds) "
+                       "- evaluations - margin, margin = max(10 s, 10 % of the deadline)",
+                       "probe_s": round(probe, 2), "evaluation_one_seed_s": round(evaluation_s, 2),
+                       "build_per_variant_s": {v: round(b, 2) for v, b in build_s.items()}, "planned": plan}
+    if plan["training_s"] <= 0:
+        raise ConfigError(
+            f"--deadline-minutes {deadline_minutes:g} is too short: {plan['spent_s']:.0f} s spent, builds and saves "
+            f"{2 * plan['build_s']:.0f} s, evaluations {sum(plan['evaluation_s'].values()):.0f} s and a margin of "
+            f"{plan['margin_s']:.0f} s leave no time to train")
+    minutes = plan["training_s"] / 60
+    out = {}
+    for v, run in runs.items():
+        mine = minutes if run.train.max_minutes is None else min(minutes, run.train.max_minutes)
+        out[v] = dataclasses.replace(run, train=dataclasses.replace(run.train, max_minutes=round(mine, 4)))
+    env["max_minutes"] = {v: r.train.max_minutes for v, r in out.items()}
+    log.info("deadline %g min: %.0f s spent, %.0f s to train (margin %.0f s)", deadline_minutes, plan["spent_s"],
+             plan["training_s"], plan["margin_s"])
+    return out
 
 
 # --------------------------------------------------------------------------- command line
@@ -286,7 +430,10 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
 
 def build_parser(prog: str = "lggseg reproduce") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("--raw", required=True, type=Path, help="a kaggle_3m folder (case folders and data.csv)")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--raw", type=Path, help="a kaggle_3m folder (case folders and data.csv)")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="the dress rehearsal: N synthetic cases in the Kaggle layout, made in the work folder")
     ap.add_argument("--variants", required=True, help="comma-separated variant names of the params file")
     ap.add_argument("--out", required=True, type=Path, help="output folder (at most 8 files)")
     ap.add_argument("--params", default="params.yaml", type=Path)
@@ -295,23 +442,29 @@ def build_parser(prog: str = "lggseg reproduce") -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, help="common.image_size")
     ap.add_argument("--max-minutes", type=float, help="train.max_minutes: one training budget for all variants")
     ap.add_argument("--device", help="common.device: auto | cpu | cuda")
+    ap.add_argument("--deadline-minutes", type=float,
+                    help="the whole command's deadline: train.max_minutes is planned from the measured phases")
     ap.add_argument("--work", type=Path, help="folder for the store and the models, kept (default: a temporary one)")
     return ap
 
 
 def main(argv: list[str] | None = None, prog: str = "lggseg reproduce") -> int:
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("lggseg").setLevel(logging.INFO)
     try:
-        if not args.raw.is_dir():
+        if args.deadline_minutes is not None and not args.deadline_minutes > 0:
+            raise ConfigError(f"--deadline-minutes must be a positive number of minutes, got {args.deadline_minutes:g}")
+        if args.raw is not None and not args.raw.is_dir():
             raise DataError(f"--raw {args.raw}: no such folder (expected a kaggle_3m folder: case folders and data.csv)")
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         params, runs = effective_params(read_params(args.params), variants, read_overrides(args.overrides),
                                         epochs=args.epochs, image_size=args.image_size, max_minutes=args.max_minutes,
                                         device=args.device)
-        env = reproduce(args.raw, args.out, params, runs, args.work, command=shlex.join([prog, *argv]))
+        env = reproduce(args.raw, args.out, params, runs, args.work, command=shlex.join([prog, *argv]),
+                        deadline_minutes=args.deadline_minutes, started=started, synthetic=args.synthetic)
     except LggsegError as exc:
         print(f"reproduce: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -320,6 +473,11 @@ def main(argv: list[str] | None = None, prog: str = "lggseg reproduce") -> int:
         if r["status"] == "done":
             epochs = ", ".join(f"{s['epochs_done']}/{s['epochs']} epochs" for s in r["seeds"].values())
             print(f"{v}: test Dice slice mean {r['dice_slice_mean']:.4f} ({epochs})")
+    if env.get("deadline"):
+        d = env["deadline"]
+        print(f"deadline {d['minutes']:g} min: took {d['actual']['total_s']:.0f} s (training budget "
+              f"{d['planned']['training_s']:.0f} s, margin {d['planned']['margin_s']:.0f} s)"
+              + ("" if d["met"] else ": MISSED"))
     print(f"{args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
     for v, error in failed.items():
         print(f"reproduce: {v} failed: {error}", file=sys.stderr)

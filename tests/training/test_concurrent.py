@@ -61,13 +61,15 @@ def test_concurrent_equals_alone(store_dir, tmp_path, monkeypatch):
 
     nets, step = [], T.train_step
     monkeypatch.setattr(T, "train_step", lambda net, *args: nets.append(id(net)) or step(net, *args))
-    seen = []
+    seen, epochs = [], []
     together = train_variants(runs, store_dir, [tmp_path / "together" / r.variant for r in runs], SEED,
-                              on_result=lambda k, res: seen.append(k))
+                              on_result=lambda k, res: seen.append(k), on_epoch=lambda k, row: epochs.append((k, row)))
     assert (random.random(), torch.rand(1)) == before  # the caller's random streams are put back
     assert len(set(nets[:3])) == 3 and nets[3:6] == nets[:3]  # the runs take turns step by step
     assert seen == [0, 1, 2]  # a and b finish in the same round, c (batch 2: twice the steps) after them
     assert len(loads) == 2  # b and c share one device copy of train and one of val
+    for k, res in enumerate(together):  # every epoch's row handed out live, once, as the result records it
+        assert [row for j, row in epochs if j == k] == res["history"]
     for run, res_alone, res_together in zip(runs, alone, together, strict=True):
         _same(tmp_path / "alone" / run.variant, res_alone, tmp_path / "together" / run.variant, res_together)
         stored = json.loads((tmp_path / "together" / run.variant / "result.json").read_text())

@@ -246,6 +246,20 @@ def test_last_epoch_is_committed_by_the_model_not_a_checkpoint(store_dir, tmp_pa
     assert result["epochs_done"] == 2 and saved == [1]  # every epoch but the last
 
 
+def test_the_budget_clock_counts_the_time_between_epochs(store_dir, tmp_path, monkeypatch):
+    """An epoch's wall seconds (the time budget's clock) run from the end of the previous epoch: the
+    checkpoint written after epoch 1 (slowed here to 1.5 s) is paid for in epoch 2's time, not lost
+    between the epochs (under train_variants, so are the other runs' turns in between)."""
+    import time
+
+    import lggseg.training.trainer as T
+
+    monkeypatch.setattr(T.Checkpoint, "save", lambda self, state, best_changed: time.sleep(1.5))
+    result = train_variant(tiny_run(2, checkpoint_every=1), store_dir, tmp_path / "a", SEED)
+    # wall seconds = training steps + validations + what came between the epochs
+    assert result["wall_seconds"] - result["train_seconds"] >= 1.5
+
+
 if __name__ == "__main__":  # print the digests of this machine, to pin them above
     import tempfile
 

@@ -12,10 +12,16 @@ atomically (files shared by several variants gain a ``variant`` column or key):
 * ``figure_slices.npz``: the inputs of Figures 7-8: the evaluate stage's :data:`SHARED_FIGURE_KEYS`
   (the same for every variant: the same store and evaluation settings) and, per variant, each of
   :data:`PER_VARIANT_FIGURE_KEYS` under :func:`variant_key` (``prob__<variant>``; compressed);
-* ``training.csv``: one row per variant, seed and epoch: the training history of ``result.json``;
+* ``training.csv``: one row per variant, seed and epoch: the training history of ``result.json``,
+  rewritten after every epoch of every run while training goes on (:meth:`FolderWriter.add_epoch`);
 * ``environment.json``: what :mod:`lggseg.reproduce` records of the run (device, versions, data,
   wall times, per variant and seed the epochs done and why training stopped);
 * ``components.csv``: the store's ground-truth components (the report's dataset section).
+
+Every file is written as soon as its content exists (``training.csv`` after each epoch, a variant's
+metrics, rows and figure arrays as its evaluation ends, ``environment.json`` at every phase), each
+atomically, so a process killed at any moment leaves every finished piece readable
+(:func:`read_folder`), only the unfinished ones missing.
 
 ``lggseg report DIR`` (:func:`build_folder_report`) reads the folder back and writes ``tables.md`` and
 the figures through :func:`lggseg.reporting.report.write_report`, the function the report stage ends
@@ -73,7 +79,8 @@ class FolderWriter:
         self.environment = environment
         self.metrics: dict[str, Any] = {}
         self.slices: list[pd.DataFrame] = []
-        self.training: list[pd.DataFrame] = []
+        self.variants = list(params.get("variants") or {})
+        self.training: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (variant, seed) -> history rows
         self.figures: dict[str, np.ndarray] = {}
         out.mkdir(parents=True, exist_ok=True)
         stray = sorted(p.name for p in out.iterdir() if p.name not in FILES.values())
@@ -90,24 +97,60 @@ class FolderWriter:
         """Copy the store's ``components.csv``."""
         write_bytes(self.out / FILES["components"], (store_dir / "components.csv").read_bytes())
 
+    def add_epoch(self, variant: str, seed: int, row: Mapping[str, Any]) -> None:
+        """Add one finished epoch's history ``row`` of ``variant``, seed ``seed``; rewrite ``training.csv``."""
+        self.training.setdefault((variant, int(seed)), []).append(dict(row))
+        self._write_training()
+
+    def _write_training(self) -> None:
+        order = {v: i for i, v in enumerate(self.variants)}
+        keys = sorted(self.training, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
+        rows = [{"variant": v, "seed": s, **row} for v, s in keys for row in self.training[(v, s)]]
+        write_csv(self.out / FILES["training"], pd.DataFrame(rows))
+
     def add_variant(self, variant: str, metrics: dict[str, Any], slices: pd.DataFrame,
                     figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]]) -> None:
         """Add a variant's evaluation (``metrics``, per-slice rows, figure arrays) and its seeds'
         ``result.json`` contents (``results``), and rewrite every file."""
         self.metrics[variant] = metrics
         self.slices.append(slices.assign(variant=variant)[["variant", *slices.columns]])
-        rows = [{"variant": variant, "seed": r["seed"], **row} for r in results for row in r["history"]]
-        self.training.append(pd.DataFrame(rows))
+        for r in results:  # the stored history is the record (an epoch seen live and replayed after a resume: once)
+            self.training[(variant, int(r["seed"]))] = [dict(row) for row in r["history"]]
         for key in SHARED_FIGURE_KEYS:
             self.figures.setdefault(key, np.asarray(figures[key]))
         for key in PER_VARIANT_FIGURE_KEYS:
             self.figures[variant_key(key, variant)] = np.asarray(figures[key])
         write_json(self.out / FILES["metrics"], self.metrics)
         write_csv(self.out / FILES["slices"], pd.concat(self.slices, ignore_index=True))
-        write_csv(self.out / FILES["training"], pd.concat(self.training, ignore_index=True))
+        self._write_training()
         with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **self.figures)
         self.write_environment()
+
+
+def read_folder(folder: str | Path) -> dict[str, Any]:
+    """What a (possibly unfinished or killed) folder holds: ``params``, ``environment``, ``metrics``
+    (``{variant: metrics}``), ``training`` and ``slices`` (DataFrames), each None when not written yet.
+    A file that exists but cannot be read is a :class:`~lggseg.errors.DataError`: every write is atomic."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (written by lggseg reproduce)")
+    out: dict[str, Any] = {}
+    for kind in ("params", "environment", "metrics", "training", "slices"):
+        path = folder / FILES[kind]
+        if not path.is_file():
+            out[kind] = None
+            continue
+        try:
+            if kind == "params":
+                out[kind] = read_params(path)
+            elif path.suffix == ".json":
+                out[kind] = json.loads(path.read_text())
+            else:
+                out[kind] = pd.read_csv(path)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise DataError(f"{path}: not readable: {' '.join(str(exc).split())}") from None
+    return out
 
 
 def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:

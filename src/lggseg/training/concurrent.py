@@ -23,7 +23,8 @@ Same result as alone
 
 Time budget
     ``train.max_minutes`` keeps its meaning, over a clock that the runs share: a run's epoch time
-    is measured from its first step to the end of its validation, turns of the other runs included,
+    is measured from the end of its previous epoch to the end of this one's validation, turns of the
+    other runs (their validations, checkpoints, a finished variant's evaluation) included,
     so its estimate of "one more epoch" is what one more round of all running variants costs, and
     each run stops at an epoch boundary before the budget would be overrun. For the same reason
     ``train_seconds`` and ``images_per_second`` in a run's ``result.json`` describe its share of the
@@ -92,6 +93,7 @@ class _Lane:
     setup: StepSetup
     stream: Any  # torch.cuda.Stream on CUDA, None on the CPU
     rng: RandomState
+    reported: int = 0  # history rows handed to on_epoch
 
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager:
@@ -117,6 +119,7 @@ def train_variants(
     resume: bool = True,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
     on_error: Callable[[int, BaseException], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, Any] | None]:
     """Train ``runs[k]`` with seed ``seeds[k]`` into ``out_dirs[k]``, all on one store, steps interleaved.
 
@@ -124,7 +127,9 @@ def train_variants(
     that failed). ``on_result(k, result)`` is called as soon as run ``k`` has finished (or at once for a
     run already finished earlier), outside every run's turn, so it may evaluate or write files.
     A run that raises is dropped and the others go on; the error goes to ``on_error(k, exc)`` if
-    given, else the first one is raised once the others have finished. One process only (no torchrun).
+    given, else the first one is raised once the others have finished. ``on_epoch(k, row)`` gets each
+    history row of run ``k`` as soon as its epoch has ended (a resumed run's earlier rows first), also
+    outside every turn. One process only (no torchrun).
     """
     runs, out_dirs = list(runs), [Path(d) for d in out_dirs]
     seeds = [seeds] * len(runs) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -199,6 +204,11 @@ def train_variants(
                     lane.trainer = None
                     failed(lane.index, exc)
                     continue
+                if on_epoch is not None and lane.trainer is not None:
+                    history = lane.trainer.state.history
+                    for row in history[lane.reported:]:
+                        on_epoch(lane.index, dict(row))
+                    lane.reported = len(history)
                 if result is not None:
                     active.remove(lane)
                     lane.trainer = None  # its model and optimiser can go before the next turn

@@ -123,6 +123,7 @@ class Trainer:
         self.loss_fn.planned_epochs = self.state.planned_epochs  # a gamma schedule in fractions follows the plan
         self.best_unsaved = False  # best weights newer than the checkpoint's (train.checkpoint_every > 1)
         self.batches: Any = None  # the running epoch's batch iterator; None between epochs
+        self.t_mark: float | None = None  # when the previous epoch's wall seconds were taken (the budget's clock)
         self.checkpoint = Checkpoint(out_dir, fingerprint)
         params = {"variant": run.variant, "seed": seed, "encoder": run.model.encoder, "image_size": run.common.image_size,
                   "epochs": self.cfg.epochs, "batch_size": self.cfg.batch_size, "lr": self.cfg.lr,
@@ -168,9 +169,12 @@ class Trainer:
             self.end_epoch()
 
     def start_epoch(self) -> None:
-        """The epoch's shuffle order and augmentation, its sums and its clock. Its wall seconds run from
-        here to the end of :meth:`end_epoch`, including any other run's turns interleaved with them."""
+        """The epoch's shuffle order and augmentation, its sums and its clock. Its wall seconds (the time
+        budget's) run from where the previous epoch's stopped (here, for the first of this process) to the
+        end of this one's validation: contiguous, so the previous epoch's checkpoint and log, and any
+        other run's turns in between (its validation, checkpoint, a finished run's evaluation), count."""
         self.t0 = time.perf_counter()
+        self.t_wall0 = self.t0 if self.t_mark is None else self.t_mark
         self.data.sampler.set_epoch(self.state.epoch)
         self.train_net.train()
         self.sums = torch.zeros(3, device=self.info.device)  # [loss * n, Dice sum, n] on the device
@@ -214,7 +218,8 @@ class Trainer:
         state.history.append(row)
         state.train_seconds += t_train
         state.train_images += int(n)
-        seconds = time.perf_counter() - self.t0
+        self.t_mark = time.perf_counter()
+        seconds = self.t_mark - self.t_wall0
         state.wall_seconds += seconds
         state.epoch_seconds.append(seconds)
         self.plan()
