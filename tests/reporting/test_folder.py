@@ -101,3 +101,16 @@ def test_stray_files_are_left_alone(tmp_path, caplog):
     FolderWriter(out, {}, {})
     assert (out / "notes.txt").read_text() == "mine"
     assert "notes.txt" in caplog.text
+
+
+def test_files_follow_the_params_order_not_the_finishing_order(tmp_path):
+    """Variants trained at once finish in any order; metrics.json, slices.csv and training.csv list them
+    as params.yaml does, so two runs of the same command write the same files."""
+    out = tmp_path / "out"
+    writer = FolderWriter(out, {"variants": {"a": {}, "b": {}}}, {})
+    writer.add_variant("b", {"dice_slice_mean": 0.5}, _slices(0.5), _figures(0.75), _results(7))
+    assert list(json.loads((out / FILES["metrics"]).read_text())) == ["b"]
+    writer.add_variant("a", {"dice_slice_mean": 0.75}, _slices(0.75), _figures(0.25), _results(23))
+    assert list(json.loads((out / FILES["metrics"]).read_text())) == ["a", "b"]
+    assert list(pd.read_csv(out / FILES["slices"])["variant"]) == ["a", "b"]
+    assert list(pd.read_csv(out / FILES["training"])["variant"]) == ["a", "a", "b", "b"]

@@ -78,7 +78,7 @@ class FolderWriter:
         self.out = out
         self.environment = environment
         self.metrics: dict[str, Any] = {}
-        self.slices: list[pd.DataFrame] = []
+        self.slices: dict[str, pd.DataFrame] = {}
         self.variants = list(params.get("variants") or {})
         self.training: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (variant, seed) -> history rows
         self.figures: dict[str, np.ndarray] = {}
@@ -102,9 +102,12 @@ class FolderWriter:
         self.training.setdefault((variant, int(seed)), []).append(dict(row))
         self._write_training()
 
+    def _rank(self, variant: str) -> tuple[int, str]:
+        # params order, whatever order the variants finish in, so that a rerun writes the same files
+        return (self.variants.index(variant) if variant in self.variants else len(self.variants), variant)
+
     def _write_training(self) -> None:
-        order = {v: i for i, v in enumerate(self.variants)}
-        keys = sorted(self.training, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))
+        keys = sorted(self.training, key=lambda k: (*self._rank(k[0]), k[1]))
         rows = [{"variant": v, "seed": s, **row} for v, s in keys for row in self.training[(v, s)]]
         write_csv(self.out / FILES["training"], pd.DataFrame(rows))
 
@@ -113,15 +116,16 @@ class FolderWriter:
         """Add a variant's evaluation (``metrics``, per-slice rows, figure arrays) and its seeds'
         ``result.json`` contents (``results``), and rewrite every file."""
         self.metrics[variant] = metrics
-        self.slices.append(slices.assign(variant=variant)[["variant", *slices.columns]])
+        self.slices[variant] = slices.assign(variant=variant)[["variant", *slices.columns]]
         for r in results:  # the stored history is the record (an epoch seen live and replayed after a resume: once)
             self.training[(variant, int(r["seed"]))] = [dict(row) for row in r["history"]]
         for key in SHARED_FIGURE_KEYS:
             self.figures.setdefault(key, np.asarray(figures[key]))
         for key in PER_VARIANT_FIGURE_KEYS:
             self.figures[variant_key(key, variant)] = np.asarray(figures[key])
-        write_json(self.out / FILES["metrics"], self.metrics)
-        write_csv(self.out / FILES["slices"], pd.concat(self.slices, ignore_index=True))
+        done = sorted(self.metrics, key=self._rank)
+        write_json(self.out / FILES["metrics"], {v: self.metrics[v] for v in done})
+        write_csv(self.out / FILES["slices"], pd.concat([self.slices[v] for v in done], ignore_index=True))
         self._write_training()
         with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **self.figures)
