@@ -3,7 +3,7 @@
 Every figure is the median of ``reps`` timed repetitions after ``warmup`` untimed ones (the first call,
 which pays for cuDNN autotuning or compilation, is reported apart), each between two synchronisations of
 the device. Things that are compared (step set-ups, loss terms and the
-``j`` sweep, inference with and without TTA, the two data paths) take turns repetition by repetition,
+``j`` sweep, inference with and without TTA) take turns repetition by repetition,
 so a busy neighbour slows them alike and their ratios hold.
 """
 
@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import itertools
 import os
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,6 @@ def r4(x: float, digits: int = 4) -> float:
 
 def stats(times: list[float]) -> dict[str, Any]:
     return {"median_s": r4(statistics.median(times)), "min_s": r4(min(times)), "all_s": [r4(t) for t in times]}
-
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -74,7 +72,6 @@ def load_average() -> float | None:
         return None
 
 
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -101,7 +98,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], device: torch.device,
         for k, fn in fns.items():
             times[k].append(timed_once(fn, device))
     return times
-
 
 
 def candidate_setups(train: TrainConfig, device: torch.device) -> list[StepSetup]:
@@ -151,7 +147,6 @@ def training_steps(model: nn.Module, loss_fn: nn.Module, batch: Mapping[str, Ten
     return out
 
 
-
 def outlier_fn(cfg: LossConfig, mode: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The outlier term of ``mode`` (``paper``: eq. 12; ``isolated_bce``: ours) with the windows of ``cfg``."""
     from lggseg.losses import isolated_bce_loss, outlier_loss
@@ -194,7 +189,6 @@ def loss_costs(cfg: LossConfig, target: Tensor, step_s: float, js: tuple[int, ..
         flatness[m] = {"max_over_min_fastest": r4(ratio, 3), "flat": ratio < FLAT_RATIO_LIMIT}
     return {"terms": terms, "step_s": r4(step_s), "outlier_by_j": {
         "i": cfg.i, "j": list(js), "seconds": seconds, "flatness": flatness, "flat_limit": FLAT_RATIO_LIMIT}}
-
 
 
 def train_rows(store: Any) -> np.ndarray:
@@ -242,63 +236,6 @@ def inference(model: nn.Module, batch: Mapping[str, Tensor | None], native: tupl
     finally:
         model.train()
     return {k: {"slices_per_s": r4(batch["image"].shape[0] / statistics.median(t)), **stats(t)} for k, t in times.items()}
-
-
-def _cycle(batches: Any) -> Iterator[dict[str, Tensor]]:
-    epoch = 0
-    while True:
-        batches.set_epoch(epoch)
-        yield from batches
-        epoch += 1
-
-
-def data_paths(build: Callable[[int], nn.Module], loss_fn: nn.Module, store: Any, cfg: Any, batch_size: int,
-               device: torch.device, warmup: int, reps: int, epoch: int) -> dict[str, Any]:
-    """Images/s of the whole training step with its data, fed by the DataLoader path and by the
-    device-resident path (:class:`lggseg.data.resident.ResidentBatches`) at each of ``cfg.path_sizes``:
-    from the same weights with a fresh Adam, ``reps`` steps timed after ``1 + warmup``, in turns over
-    ``cfg.path_rounds`` rounds (``cfg``: a :class:`lggseg.bench.run.BenchConfig`)."""
-    from lggseg.data.resident import ResidentBatches
-
-    train, seed, attrs = cfg.train, cfg.common.seed, cfg.model.attributes
-    setup = step_setup(train, device)
-    fmt = torch.channels_last if setup.channels_last else torch.contiguous_format
-    out: dict[str, Any] = {}
-    for size in cfg.path_sizes:
-        net = build(size).to(device, memory_format=fmt)
-        init = copy.deepcopy(net.state_dict())
-        t0 = time.perf_counter()
-        resident = ResidentBatches(store, train_rows(store), size, device, batch_size, train.augment, seed=seed,
-                                   shuffle=True, drop_last=True)
-        sync(device)
-        load_s = time.perf_counter() - t0
-        timed: dict[str, list[tuple[float, float]]] = {"loader": [], "resident": []}
-        with applied(setup, device):
-            for _, path in itertools.product(range(cfg.path_rounds), timed):
-                net.load_state_dict(init)
-                opt = torch.optim.Adam(net.parameters(), lr=train.lr)
-                batches = (iter(make_loader(store, size, train, seed, batch_size, 1 + warmup + reps, device))
-                           if path == "loader" else _cycle(resident))
-
-                def one(batches: Iterator[dict[str, Tensor]] = batches, opt: Any = opt, net: nn.Module = net) -> None:
-                    b = next(batches)
-                    train_step(net, opt, loss_fn, b["image"].to(device, memory_format=fmt), b["mask"].to(device),
-                               b["attributes"].to(device) if attrs else None, epoch, setup.bf16)
-
-                first = timed_once(one, device)
-                for _ in range(warmup):
-                    one()
-                timed[path].append((first, timed_once(lambda one=one: [one() for _ in range(reps)], device)))
-        entry = {path: {"images_per_s": r4(reps * batch_size / statistics.median(w for _, w in t)),
-                        "block_s": [r4(w) for _, w in t], "first_step_s": [r4(f) for f, _ in t]}
-                 for path, t in timed.items()}
-        entry["loader"]["workers"] = train.num_workers
-        entry["resident"]["resident_load_s"] = r4(load_s)
-        out[f"{size}px"] = {**entry, "ratio_resident_over_loader":
-                            r4(entry["resident"]["images_per_s"] / entry["loader"]["images_per_s"], 3)}
-        del net, resident
-    return {"setup": setup.describe(), "batch_size": batch_size, "steps_per_block": reps, "rounds": cfg.path_rounds,
-            "train_slices": len(train_rows(store)), "sizes": out}
 
 
 def concurrent_variants(runs: list[Any], store: Any, seed: int, device: torch.device) -> dict[str, Any]:

@@ -1,13 +1,11 @@
-"""``lggseg bench`` and the ``bench`` stage: the figures of the README's "Performance" section, measured on
-the device present and merged into ``metrics/bench.json`` under one key per device, so machines accumulate.
+"""``lggseg bench`` and the ``bench`` stage: the figures of docs/performance.md, measured on the device
+present and merged into ``metrics/bench.json`` under one key per device, so machines accumulate.
 
 The configured network with the full eq. 13 loss and random weights, on one augmented batch: the training
-step (the one training runs) under our set-up against a plain float32 loop and channels_last / bf16 alone;
-each loss term's share of it and the outlier terms at j = 21/41/81; the DataLoader's rate against the
-step's; ``lggseg predict`` with and without TTA; unless ``--no-paths``, the step fed by the DataLoader path
-against the device-resident path at 64 and 256 px, and two variants trained in turns in one process
-against one after another (:mod:`lggseg.bench.measure` says how each is timed). The demo's wall time is
-an input (``--demo-seconds`` or the file ``make demo`` writes), recorded with its source.
+step under our set-up against a plain float32 loop and channels_last / bf16 alone; each loss term's share
+of it and the outlier terms at j = 21/41/81; the DataLoader's rate against the step's; ``lggseg predict``
+with and without TTA; unless ``--no-concurrent``, two variants trained in turns against one after another
+(:mod:`lggseg.bench.measure` says how each is timed).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import math
 import sys
 import tempfile
 import time
@@ -43,7 +40,6 @@ from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json
 from lggseg.runtime import resolve_device
 
-DEMO_TIME_FILE = Path("demo/metrics/demo_time.json")
 # batch 0: train.batch_size; data: batches the loader is timed over; infer: repetitions of inference
 PROFILES = {"cpu": {"batch": 4, "warmup": 1, "reps": 7, "data": 12, "infer": 3},
             "cuda": {"batch": 0, "warmup": 5, "reps": 20, "data": 40, "infer": 10}}
@@ -59,14 +55,10 @@ class BenchConfig:
     train: TrainConfig
     manifest: ManifestConfig
     data_dir: Path | None = None  # a manifest store; None: a small synthetic one
-    demo_seconds: float | None = None
-    demo_time_file: Path | None = DEMO_TIME_FILE
     batch_size: int | None = None
     reps: int | None = None
     outlier_js: tuple[int, ...] = (21, 41, 81)
-    paths: bool = True
-    path_sizes: tuple[int, ...] = (64, 256)
-    path_rounds: int = 2
+    concurrent: bool = True
     concurrent_cases: int = 8
     concurrent_cpu_size: int = 64  # on CUDA: common.image_size
     synthetic_cases: int = 3
@@ -76,10 +68,9 @@ class BenchConfig:
             raise ConfigError(f"--batch-size must be at least 2, got {self.batch_size}")
         if self.reps is not None and self.reps < 1:
             raise ConfigError(f"--reps must be at least 1, got {self.reps}")
-        if self.demo_seconds is not None and not (math.isfinite(self.demo_seconds) and self.demo_seconds > 0):
-            raise ConfigError(f"--demo-seconds must be a positive number, got {self.demo_seconds!r}")
-        if any(s % 16 or s < 32 for s in (*self.path_sizes, self.concurrent_cpu_size)):
-            raise ConfigError("bench image sizes must be multiples of 16 and at least 32")
+        if self.concurrent_cpu_size % 16 or self.concurrent_cpu_size < 32:
+            raise ConfigError(f"the concurrent run's image size must be a multiple of 16 and at least 32, "
+                              f"got {self.concurrent_cpu_size}")
 
     def profile(self, device: torch.device) -> dict[str, int]:
         p = dict(PROFILES["cuda" if device.type == "cuda" else "cpu"])
@@ -115,21 +106,6 @@ def open_store(cfg: BenchConfig, n_cases: int | None = None) -> Iterator[tuple[A
         yield load_store(Path(tmp) / "store"), f"synthetic demo store ({n} cases)"
 
 
-def demo_time(seconds: float | None, path: Path | None) -> dict[str, Any]:
-    """The demo's wall time, from the command line or from the file ``make demo`` writes."""
-    if seconds is not None:
-        return {"seconds": M.r4(seconds), "source": "--demo-seconds"}
-    if path is None or not path.is_file():
-        return {"seconds": None, "source": "not measured: pass --demo-seconds" + (f" or write {path}" if path else "")}
-    try:
-        value = json.loads(path.read_text()).get("seconds")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"{path}: unreadable demo time file ({exc})") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise DataError(f"{path}: expected a JSON object with a positive 'seconds', got {value!r}")
-    return {"seconds": M.r4(float(value)), "source": str(path)}
-
-
 def merge_write(out_json: Path, key: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Write ``entry`` under ``key`` of ``out_json``, keeping the other devices' blocks."""
     try:
@@ -154,12 +130,8 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
     loss_fn = CompoundLoss(cfg.loss, cfg.train.epochs).to(dev)
     with open_store(cfg) as (store, source):
         n_attr = int(store.attributes.shape[1]) if cfg.model.attributes else 0
-
-        def build(image_size: int) -> torch.nn.Module:
-            torch.manual_seed(cfg.common.seed)
-            return build_model(cfg.model, n_attr, image_size).to(dev)
-
-        model = build(size)
+        torch.manual_seed(cfg.common.seed)
+        model = build_model(cfg.model, n_attr, size).to(dev)
         b = next(iter(M.make_loader(store, size, dataclasses.replace(cfg.train, num_workers=0), cfg.common.seed,
                                     p["batch"], 1, torch.device("cpu"))))
         batch = {"image": b["image"].to(dev), "mask": b["mask"].to(dev),
@@ -174,13 +146,7 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
         loader = M.loader_rate(M.make_loader(store, size, cfg.train, cfg.common.seed, p["batch"], p["data"] + 1, dev))
         native = (int(store.masks.shape[1]), int(store.masks.shape[2]))
         infer = M.inference(model, batch, native, dev, p["warmup"], p["infer"])
-        extra: dict[str, Any] = {}
-        if cfg.paths:
-            del model
-            extra["data_paths"] = M.data_paths(build, loss_fn, store, cfg, p["batch"], dev, p["warmup"], p["reps"],
-                                               epoch)
-    if cfg.paths:
-        extra["concurrent"] = _concurrent(cfg, dev)
+    extra = {"concurrent": _concurrent(cfg, dev)} if cfg.concurrent else {}
     cond = {"device": info["name"], "torch": info["torch"], "threads": training[ours]["threads"],
             "image_size": size, "batch_size": p["batch"]}
     entry: dict[str, Any] = {
@@ -196,18 +162,13 @@ def run_benchmark(cfg: BenchConfig, out_json: str | Path, device: str | torch.de
                  "ratio": M.r4(loader["images_per_s"] / ours_ips, 3)},
         "inference": {"conditions": cond, **infer},
         **extra,
-        "demo_repro": demo_time(cfg.demo_seconds, cfg.demo_time_file),
+        # busy: other work held over half the CPUs at the start (by the end our own threads add to it)
+        "machine_load": {"start": load_start, "end": M.load_average(), "cpu_count": info["cpu_count"],
+                         "busy": load_start is not None and load_start > 0.5 * (info["cpu_count"] or 1)},
     }
-    entry["machine_load"] = machine_load(load_start, M.load_average(), info["cpu_count"] or 1)
     entry["bench_seconds"] = M.r4(time.perf_counter() - t_start)
     merge_write(Path(out_json), entry["key"], entry)
     return entry
-
-
-def machine_load(start: float | None, end: float | None, cpus: int) -> dict[str, Any]:
-    """Load averages around the run; ``busy`` when other work held over half the CPUs at the start (by
-    the end the benchmark's own threads add to it): the timings then say more about the neighbours."""
-    return {"start": start, "end": end, "cpu_count": cpus, "busy": start is not None and start > 0.5 * cpus}
 
 
 def _concurrent(cfg: BenchConfig, dev: torch.device) -> dict[str, Any]:
@@ -233,8 +194,6 @@ def summary_lines(e: Mapping[str, Any]) -> list[str]:
     lines.append("  loss share of step: " + ", ".join(f"{k} {v['share_of_step']:.2%}" for k, v in loss["terms"].items()))
     lines.append(f"  loader / step {data['ratio']:.1f}; predict {inf['plain']['slices_per_s']:.2f} slices/s, "
                  f"TTA {inf['tta']['slices_per_s']:.2f}")
-    for k, v in e.get("data_paths", {}).get("sizes", {}).items():
-        lines.append(f"  resident / loader path at {k}: x{v['ratio_resident_over_loader']:.2f}")
     if "concurrent" in e:
         lines.append(f"  2 variants in turns / one after another: x{e['concurrent']['ratio_concurrent_over_sequential']:.2f}")
     return lines
@@ -247,16 +206,13 @@ def main(argv: list[str] | None = None, prog: str = "lggseg bench") -> int:
     ap.add_argument("--out", default="metrics/bench.json", help="bench JSON to merge this device's block into")
     ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: common.device)")
     ap.add_argument("--data", type=Path, default=None, help="manifest store (default: a small synthetic one)")
-    ap.add_argument("--demo-seconds", type=float, default=None, help="wall time of the demo")
-    ap.add_argument("--demo-time-file", type=Path, default=DEMO_TIME_FILE, help='JSON {"seconds": ...} of make demo')
     ap.add_argument("--batch-size", type=int, default=None, help="instead of the device profile's batch size")
     ap.add_argument("--reps", type=int, default=None, help="instead of the device profile's repetitions")
-    ap.add_argument("--no-paths", action="store_true", help="skip the data paths and the concurrent variants")
+    ap.add_argument("--no-concurrent", action="store_true", help="skip the two variants trained in turns")
     args = ap.parse_args(argv)
     try:
-        cfg = bench_config(args.params, data_dir=args.data, demo_seconds=args.demo_seconds,
-                           demo_time_file=args.demo_time_file, batch_size=args.batch_size, reps=args.reps,
-                           paths=not args.no_paths)
+        cfg = bench_config(args.params, data_dir=args.data, batch_size=args.batch_size, reps=args.reps,
+                           concurrent=not args.no_concurrent)
         entry = run_benchmark(cfg, args.out, args.device or cfg.common.device)
     except LggsegError as exc:
         print(f"bench: {exc}", file=sys.stderr)
