@@ -96,7 +96,13 @@ class _Lane:
     reported: int = 0  # history rows handed to on_epoch
 
 
-def _on_stream(stream: Any) -> contextlib.AbstractContextManager:
+def side_stream(device: torch.device) -> Any:
+    """A new ``torch.cuda.Stream`` on a CUDA ``device`` for one run's work; ``None`` on the CPU."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def on_stream(stream: Any) -> contextlib.AbstractContextManager:
+    """Work inside is queued on ``stream`` (of :func:`side_stream`); with ``None``, where it would go anyway."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
@@ -105,7 +111,7 @@ def _turn(lane: _Lane, device: torch.device) -> Iterator[None]:
     """``lane``'s random streams, set-up and stream for the work inside; its streams captured after."""
     lane.rng.restore(device)
     try:
-        with applied(lane.setup, device), _on_stream(lane.stream):
+        with applied(lane.setup, device), on_stream(lane.stream):
             yield
     finally:
         lane.rng = RandomState.capture(device)
@@ -174,7 +180,7 @@ def train_variants(
             if stored is not None:
                 finished(k, stored)
                 continue
-            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            stream = side_stream(device)
             lane = _Lane(k, f"{run.variant} seed {seed}", None, setup, stream, outer)
             try:
                 with _turn(lane, device):  # the Trainer seeds every stream itself, as train_variant's does

@@ -38,7 +38,7 @@ from lggseg.data.store import Store, load_store
 from lggseg.errors import TrainingError
 from lggseg.io import write_json
 from lggseg.runtime import DistInfo, all_sum, barrier, init_distributed
-from lggseg.training.batches import make_batches
+from lggseg.training.batches import Batches, make_batches
 from lggseg.training.budget import epoch_estimate, plan_epochs
 from lggseg.training.checkpoint import (
     RESULT_FILE,
@@ -72,6 +72,30 @@ def slice_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     denom = pred.sum(1) + truth.sum(1)
     dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
     return dice.sum()
+
+
+@torch.no_grad()
+def validation_sums(net: nn.Module, data: Batches, loss_fn: nn.Module, epoch: int, bf16: bool) -> torch.Tensor:
+    """``[loss*n, Dice sum, n]`` of ``net`` over ``data.val`` (this process's share; the caller sums over ranks).
+
+    What :meth:`Trainer.end_epoch` validates with (and ``lggseg preflight``). ``net`` is left in eval
+    mode; ``loss_fn`` is the run's loss at ``epoch``; ``bf16``: the run's (:class:`StepSetup`). Validation runs
+    at the precision of :mod:`lggseg.inference` (bf16 autocast on CUDA if ``bf16``, float32 on the CPU),
+    so the stored ``best_val_dice`` is what inference with the saved weights reproduces.
+    """
+    net.eval()
+    device = data.device
+    sums = torch.zeros(3, device=device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    for b in data.val:
+        x, y, a = data.to_device(b)
+        with autocast:
+            logits = net(x, a)
+        total, _ = loss_fn(logits.float(), y, epoch=epoch)
+        sums[0] += total * x.shape[0]
+        sums[1] += slice_dice_sums(logits, y)
+        sums[2] += x.shape[0]
+    return sums
 
 
 class Trainer:
@@ -112,10 +136,6 @@ class Trainer:
         self.train_net: nn.Module = self.net
         if info.distributed:
             self.train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=[info.device.index] if self.cuda else None)
-        # Validation runs at the precision of lggseg.predict (bf16 on CUDA, float32 on CPU), so the
-        # stored best_val_dice is what inference with the saved weights reproduces.
-        self.val_autocast = torch.autocast(device_type=info.device.type, dtype=torch.bfloat16,
-                                           enabled=setup.bf16 and self.cuda)
 
         self.state = TrainState(planned_epochs=self.cfg.epochs)
         if state is not None:
@@ -241,20 +261,9 @@ class Trainer:
             log.info("%s: epoch %d/%d val/dice %.4f (best %.4f)", self.label, state.epoch, state.planned_epochs,
                      row["val/dice"], state.best_val_dice)
 
-    @torch.no_grad()
     def validate(self, epoch: int) -> torch.Tensor:
         """``[loss*n, Dice sum, n]`` over the val split, summed over all ranks."""
-        self.net.eval()
-        sums = torch.zeros(3, device=self.info.device)
-        for b in self.data.val:
-            x, y, a = self.data.to_device(b)
-            with self.val_autocast:
-                logits = self.net(x, a)
-            total, _ = self.loss_fn(logits.float(), y, epoch=epoch)
-            sums[0] += total * x.shape[0]
-            sums[1] += slice_dice_sums(logits, y)
-            sums[2] += x.shape[0]
-        return all_sum(self.info, sums)
+        return all_sum(self.info, validation_sums(self.net, self.data, self.loss_fn, epoch, self.setup.bf16))
 
     # ------------------------------------------------------------------ selection and the time budget
 
