@@ -96,7 +96,7 @@ def test_cli_errors_are_one_line_and_exit_2_before_any_work(tmp_path, capsys):
 
 
 def test_report_of_a_missing_folder_is_one_line(tmp_path, capsys):
-    from lggseg.reporting.folder import main as report_main
+    from lggseg.reporting.merge import main as report_main
 
     assert report_main([str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -107,7 +107,7 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     from lggseg.config import load_section
     from lggseg.data.synthetic import generate_demo
     from lggseg.evaluation.evaluate import evaluate_model
-    from lggseg.reporting.folder import main as report_main
+    from lggseg.reporting.merge import main as report_main
     from lggseg.reporting.results import check_metrics
 
     raw = generate_demo(tmp_path / "raw", n_cases=5)
