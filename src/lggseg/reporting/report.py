@@ -15,6 +15,12 @@ Figures: paper Fig. 7 (BCE vs BCE + Dice + outlier loss: contours and probabilit
 Fig. 8 (Table 4 encoders on the same slices), the dataset's ground-truth component sizes (the
 "six regions smaller than 7 x 7" of section 4.1.3) and a Dice-by-variant chart with bootstrap CIs.
 
+A subset of the variants is a report of that subset (Tables 2-4 trained over several sittings, issue
+#21): a variant of ``params.yaml`` without ``metrics/<variant>.json`` is "not run" in its paper row and in
+the paired comparisons, and a figure that needs it is skipped with one line saying which variants it
+needs (:func:`figure7_variants`, :func:`figure8_variants`). Several sittings' folders are merged by
+``lggseg report`` (:mod:`lggseg.reporting.merge`).
+
 Inputs that the report needs and cannot read are errors naming the file (:class:`DataError`);
 numbers that come from the synthetic demo data are labelled as such in the tables and figures.
 Under every table one line gives the provenance of its numbers (the ``provenance`` block that
