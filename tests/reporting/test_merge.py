@@ -171,6 +171,7 @@ def test_recipe_leaves_out_the_variants_own_settings_and_execution():
     assert r["model.attributes"] is True  # the global setting it does not override
     assert "train.epochs" in r and r["common.image_size"] == 256 and r["data.fingerprint"] == SHA
     assert "model.attributes" not in recipe(PARAMS, "regnet_bce", _metrics("x"))  # sets it itself
+    assert "data.fingerprint" not in recipe(PARAMS, "regnet_bce", metrics_file())  # no provenance: unknown
     assert not EXECUTION_KEYS & r.keys() and "loss.gamma" in r
     assert "loss.gamma" not in recipe(PARAMS, "regnet_bce", _metrics("x"))  # BCE alone reads no gamma
 

@@ -78,13 +78,15 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def recipe(params: Mapping[str, Any], variant: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The settings ``variant`` trained and was evaluated with, except those it sets itself
     (``variants.<variant>``), the loss settings no term of its loss reads and :data:`EXECUTION_KEYS`; plus
-    ``data.fingerprint`` (sha256 of the raw data, from the metrics' provenance). Dotted keys."""
+    ``data.fingerprint`` (sha256 of the raw data, from the metrics' provenance, when recorded). Dotted keys."""
     run = resolve_variant(params, variant)
     flat = _flatten(run.to_dict())
     for section in RECIPE_SECTIONS:
         flat.update(_flatten({section: dataclasses.asdict(load_section(section, params))}))
     fingerprint = (((metrics.get("provenance") or {}).get("data") or {}).get("fingerprint") or {})
-    flat["data.fingerprint"] = fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
+    sha = fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
+    if sha:  # not recorded (metrics older than provenance) is unknown, not different; tables.md flags it
+        flat["data.fingerprint"] = sha
     own = set(_flatten((params.get("variants") or {}).get(variant) or {}))
     skip = own | EXECUTION_KEYS | {f"loss.{f}" for f in unused_loss_fields(run)}
     return {k: v for k, v in flat.items() if k not in skip}
