@@ -245,3 +245,12 @@ def test_the_committed_table3_snapshot_gives_its_paired_md(tmp_path):
         assert float(row[f"Δ {name} Wilcoxon p"]) == pytest.approx(float(cells[3]), abs=5e-3)
         assert row["n"] == cells[4]
     assert seen == 2
+
+
+def test_one_folder_with_tables_elsewhere_writes_nothing_into_it(table3_and_table2, tmp_path):
+    """A committed snapshot stays as it is: with --tables, the figures go beside the tables."""
+    t3, _ = table3_and_table2
+    before = sorted(p.relative_to(t3) for p in t3.rglob("*"))
+    assert main([str(t3), "--tables", str(tmp_path / "t3.md")]) == 0
+    assert sorted(p.relative_to(t3) for p in t3.rglob("*")) == before
+    assert (tmp_path / "plots" / "test_dice_by_variant.png").is_file()

@@ -250,8 +250,8 @@ def _figures(sources: Sequence[Source], results: Sequence[Result], absent: Seque
 def build_report_from_folders(folders: Sequence[str | Path], tables: str | Path | None = None,
                               plots: str | Path | None = None) -> Path:
     """``tables.md`` and the figures of the variants of ``folders`` together (see the module doc); returns
-    the tables' path. One folder: ``FOLDER/tables.md`` and ``FOLDER/plots/`` by default; several: ``tables``
-    is required, the figures go beside it (``plots/``) by default."""
+    the tables' path. ``tables`` defaults to ``FOLDER/tables.md`` with one folder and is required with
+    several; the figures go to ``plots/`` beside it unless ``plots`` says otherwise."""
     if not folders:
         raise MergeError("name at least one folder")
     if len(folders) > 1 and tables is None:
@@ -265,7 +265,7 @@ def build_report_from_folders(folders: Sequence[str | Path], tables: str | Path 
     results, absent, origin = _results(sources)
     first = sources[0].folder
     tables = Path(tables) if tables is not None else first / "tables.md"
-    plots = Path(plots) if plots is not None else (first / "plots" if len(sources) == 1 else tables.parent / "plots")
+    plots = Path(plots) if plots is not None else tables.parent / "plots"
     comp_path = next((s.files["components"] for s in sources if s.files.get("components") is not None), None)
     components = load_components(comp_path) if comp_path is not None else None
     slices, figs, missing, fig_path = _figures(sources, results, absent)
@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None, prog: str = "lggseg report") -> int:
         "folders and result snapshots, one or several merged (same recipe, each variant in one folder).")
     ap.add_argument("folders", type=Path, nargs="+", metavar="FOLDER",
                     help="a folder lggseg reproduce wrote, or a snapshot (results/<name>/); several are merged")
-    ap.add_argument("--tables", type=Path, help="markdown to write (default with one folder: FOLDER/tables.md)")
-    ap.add_argument("--plots", type=Path, help="folder for the figures (default: FOLDER/plots, or beside --tables)")
+    ap.add_argument("--tables", type=Path,
+                    help="markdown to write (default with one folder: FOLDER/tables.md; required with several)")
+    ap.add_argument("--plots", type=Path, help="folder for the figures (default: plots/ beside the tables)")
     args = ap.parse_args(argv)
     try:
         path = build_report_from_folders(args.folders, args.tables, args.plots)
