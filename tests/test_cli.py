@@ -61,7 +61,7 @@ def test_subcommand_help_and_argument_errors_return_codes(capsys, argv, code, ne
     assert needle in captured.out + captured.err
 
 
-@pytest.mark.parametrize(("command", "module"), [("demo", "lggseg.workspace"), ("report", "lggseg.reporting.folder")])
+@pytest.mark.parametrize(("command", "module"), [("demo", "lggseg.workspace"), ("report", "lggseg.reporting.merge")])
 def test_command_runs_the_module_that_implements_it(monkeypatch, command, module):
     """Patched where it lives (not looked up through COMMANDS): the router must reach that very function."""
     mod = importlib.import_module(module)

@@ -96,7 +96,7 @@ def test_cli_errors_are_one_line_and_exit_2_before_any_work(tmp_path, capsys):
 
 
 def test_report_of_a_missing_folder_is_one_line(tmp_path, capsys):
-    from lggseg.reporting.folder import main as report_main
+    from lggseg.reporting.merge import main as report_main
 
     assert report_main([str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -107,7 +107,7 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     from lggseg.config import load_section
     from lggseg.data.synthetic import generate_demo
     from lggseg.evaluation.evaluate import evaluate_model
-    from lggseg.reporting.folder import main as report_main
+    from lggseg.reporting.merge import main as report_main
     from lggseg.reporting.results import check_metrics
 
     raw = generate_demo(tmp_path / "raw", n_cases=5)
@@ -174,6 +174,37 @@ def test_reproduce_end_to_end_without_albumentations_and_dvclive(tmp_path):
     assert all(f"`{v}`" in tables for v in VARIANTS)
     assert "Figure 8: not drawn" in tables and "![figure 7]" in tables and "Figure 9" not in tables
     assert (out / "plots" / "figure7_loss_comparison.png").is_file()
+
+
+@pytest.mark.slow
+def test_reproduce_folder_tables_have_the_paired_comparison(tmp_path, capsys):
+    """Table 3's two variants, one epoch on 6 synthetic cases: each variant's patients.csv rows are in the
+    folder as its evaluation ends, and ``lggseg report DIR`` puts their paired per-patient difference in
+    tables.md (the same difference computed here from patients.csv)."""
+    from lggseg.reporting.merge import main as report_main
+    from lggseg.reporting.paired import load_patients
+
+    variants = ["regnet_bce", "regnet_attr_bce"]
+    over = tmp_path / "tiny.yaml"
+    over.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    assert main(["--synthetic", "6", "--variants", ",".join(variants), "--out", str(out), "--params",
+                 str(REPO / "params.yaml"), "--overrides", str(over), "--epochs", "1", "--image-size", "64",
+                 "--work", str(tmp_path / "work")]) == 0
+    assert (out / FILES["patients"]).is_file()
+    metrics = json.loads((out / FILES["metrics"]).read_text())
+    rows = {v: load_patients(out / FILES["patients"], v).set_index("patient_id")["dice_3d"] for v in variants}
+    n = metrics["regnet_bce"]["n_test_patients"]
+    assert len(rows["regnet_bce"]) == len(rows["regnet_attr_bce"]) == n
+    diff = (rows["regnet_attr_bce"] - rows["regnet_bce"].loc[rows["regnet_attr_bce"].index]).mean()
+
+    capsys.readouterr()
+    assert report_main([str(out)]) == 0
+    md = (out / "tables.md").read_text()
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("| `regnet_attr_bce` vs `regnet_bce` |")]
+    cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+    assert cells[1:5] == ["23/23", str(n), "+0.41", f"{100 * diff:+.2f}"]
+    assert "**Table 3: " in md and "**Table 3: not run**" not in md
 
 
 # --------------------------------------------------------------------------- models checked before the manifest

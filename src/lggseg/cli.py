@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lggseg.reporting.compare", "two metrics files side by side with the difference of every metric"),
     "demo": ("lggseg.workspace", "run the whole pipeline on synthetic data in its own workspace (demo/)"),
     "reproduce": ("lggseg.reproduce", "raw kaggle_3m -> manifest -> several variants trained at once -> test metrics"),
-    "report": ("lggseg.reporting.folder", "tables.md and the figures of a `lggseg reproduce` folder"),
+    "report": ("lggseg.reporting.merge", "tables.md and the figures of `lggseg reproduce` folders or snapshots, merged"),
 }
 """Sub-command -> (module with ``main(argv) -> int``, one-line help)."""
 

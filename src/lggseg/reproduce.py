@@ -20,20 +20,22 @@ every variant's network (built on the meta device) and its starting weights (:fu
    rewritten with that variant's results added.
 
 Every output is written as soon as it exists: ``training.csv`` after every epoch of every run, a
-variant's metrics, per-slice rows and figure arrays as its evaluation ends, ``environment.json`` after
+variant's metrics, per-slice and per-patient rows and figure arrays as its evaluation ends, ``environment.json`` after
 each phase; each file atomically, so a kill at any moment leaves every finished piece readable.
 
 ``DIR`` is the folder of :mod:`lggseg.reporting.folder` (the one owner of its format, written through
 its :class:`~lggseg.reporting.folder.FolderWriter`): ``params.yaml`` (the merged parameters, ``variants``
-reduced to those asked for), ``metrics.json``, ``slices.csv``, ``figure_slices.npz``, ``training.csv``,
+reduced to those asked for), ``metrics.json``, ``slices.csv``, ``patients.csv``, ``figure_slices.npz``, ``training.csv``,
 ``components.csv`` and ``environment.json``: device and GPU name, torch/CUDA/cuDNN and library versions,
 git commit, the command, image size, the data (raw folder, source, fingerprint, the manifest summary
 that the stage writes to ``metrics/data.json``), wall times, and per variant and seed the epochs done
 and why training stopped, wall time and images/s; the images/s of all variants together.
 
-``lggseg report DIR`` (:func:`lggseg.reporting.folder.build_folder_report`, :func:`lggseg.reporting.folder.main`) then writes ``DIR/tables.md`` and the figures in
-``DIR/plots/`` through :func:`lggseg.reporting.report.write_report`, the function the report stage ends in;
-Figures 7 and 8 are drawn when the variants they compare are in the folder.
+``lggseg report DIR`` (:mod:`lggseg.reporting.merge`) then writes ``DIR/tables.md`` (with the paired
+per-patient comparisons of ``patients.csv``) and the figures in ``DIR/plots/`` through
+:func:`lggseg.reporting.report.write_report`, the function the report stage ends in; Figures 7 and 8 are
+drawn when the variants they compare are in the folder. ``lggseg report DIR1 DIR2 ... --tables T`` merges
+the folders of several runs (each variant in one, one recipe).
 
 A deadline for the whole command (``--deadline-minutes M``, :func:`plan_deadline`)
     The training budget (``train.max_minutes`` of every run, whose epoch plan is re-made after each
@@ -280,7 +282,7 @@ def reproduce(raw: str | Path | None, out: str | Path, params: Mapping[str, Any]
     temp = work is None
     work = Path(tempfile.mkdtemp(prefix="lggseg-reproduce-")) if temp else Path(work)
     if out.resolve() == work.resolve() or out.resolve() in work.resolve().parents:
-        raise ConfigError(f"--work {work} must lie outside --out {out}: the output folder keeps to its 7 files")
+        raise ConfigError(f"--work {work} must lie outside --out {out}: the output folder keeps to its 8 files")
     try:
         if synthetic is not None:
             from lggseg.data.synthetic import generate_demo
@@ -354,7 +356,7 @@ def _reproduce(raw: Path, out: Path, params: Mapping[str, Any], runs: Mapping[st
         results = sorted(trained[v], key=lambda r: r["seed"])
         env["variants"][v] = {"status": "done", "evaluation_seconds": round(time.perf_counter() - t, 2),
                               "dice_slice_mean": evaluation.metrics["dice_slice_mean"], "seeds": _variant_record(results)}
-        folder.add_variant(v, evaluation.metrics, evaluation.slices, evaluation.figures, results)
+        folder.add_variant(v, evaluation.metrics, evaluation.slices, evaluation.figures, results, evaluation.patients)
         log.info("%s: test Dice slice mean %.4f -> %s", v, evaluation.metrics["dice_slice_mean"], out)
 
     def on_epoch(k: int, row: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ from lggseg.reporting.folder import (
     SHARED_FIGURE_KEYS,
     FolderWriter,
     load_folder_figures,
+    read_folder,
     variant_key,
 )
 
@@ -44,14 +45,20 @@ def _slices(dice: float) -> pd.DataFrame:
     return pd.DataFrame({"id": ["TCGA_A_1_x_1"], "dice": [dice]})
 
 
+def _patients(dice: float) -> pd.DataFrame:
+    """The evaluate stage's per-patient rows (raw and post-processed) of two patients."""
+    return pd.DataFrame({"seed": 23, "postprocessed": [False, False, True, True], "patient_id": ["0001", "B"] * 2,
+                         "dice_slice_mean": dice, "dice_3d": [dice, dice / 2] * 2})
+
+
 @pytest.fixture()
 def folder(tmp_path):
     out = tmp_path / "out"
     env = {"command": "lggseg reproduce", "variants": {"a": {"status": "pending"}, "b": {"status": "pending"}}}
     writer = FolderWriter(out, {"variants": {"a": {}, "b": {}}}, env)
-    writer.add_variant("a", {"dice_slice_mean": 0.75}, _slices(0.75), _figures(0.25), _results(23))
+    writer.add_variant("a", {"dice_slice_mean": 0.75}, _slices(0.75), _figures(0.25), _results(23), _patients(0.75))
     env["variants"]["a"]["status"] = "done"
-    writer.add_variant("b", {"dice_slice_mean": 0.5}, _slices(0.5), _figures(0.75), _results(7))
+    writer.add_variant("b", {"dice_slice_mean": 0.5}, _slices(0.5), _figures(0.75), _results(7), _patients(0.5))
     return out
 
 
@@ -61,7 +68,7 @@ def test_variant_key():
 
 
 def test_writer_writes_the_files_of_the_format(folder):
-    components = {"params", "metrics", "slices", "figures", "training", "environment"}  # not added here
+    components = {"params", "metrics", "slices", "patients", "figures", "training", "environment"}  # not added here
     assert sorted(p.name for p in folder.iterdir()) == sorted(FILES[k] for k in components)
     assert yaml.safe_load((folder / FILES["params"]).read_text()) == {"variants": {"a": {}, "b": {}}}
     assert json.loads((folder / FILES["metrics"]).read_text()) == {"a": {"dice_slice_mean": 0.75},
@@ -114,3 +121,27 @@ def test_files_follow_the_params_order_not_the_finishing_order(tmp_path):
     assert list(json.loads((out / FILES["metrics"]).read_text())) == ["a", "b"]
     assert list(pd.read_csv(out / FILES["slices"])["variant"]) == ["a", "b"]
     assert list(pd.read_csv(out / FILES["training"])["variant"]) == ["a", "a", "b", "b"]
+
+
+def test_patients_csv_is_what_the_paired_comparisons_read(folder):
+    """Each variant's per-patient rows, written as its evaluation ends, read back per variant by
+    :func:`lggseg.reporting.paired.load_patients` (raw rows only; patient ids stay strings)."""
+    from lggseg.reporting.paired import load_patients
+
+    a = load_patients(folder / FILES["patients"], "a")
+    assert a[["patient_id", "dice_3d"]].values.tolist() == [["0001", 0.75], ["B", 0.375]]
+    assert load_patients(folder / FILES["patients"], "b")["dice_3d"].tolist() == [0.5, 0.25]
+    rows = read_folder(folder)["patients"]
+    assert rows.columns[0] == "variant" and list(rows["variant"]) == ["a"] * 4 + ["b"] * 4
+
+
+def test_patients_csv_grows_with_each_variant(tmp_path):
+    from lggseg.reporting.paired import load_patients
+
+    writer = FolderWriter(tmp_path, {"variants": {"a": {}, "b": {}}}, {})
+    writer.add_variant("b", {"dice_slice_mean": 0.5}, _slices(0.5), _figures(0.75), _results(7), _patients(0.5))
+    assert set(read_folder(tmp_path)["patients"]["variant"]) == {"b"}
+    with pytest.raises(DataError, match="no rows of variant a"):
+        load_patients(tmp_path / FILES["patients"], "a")
+    writer.add_variant("a", {"dice_slice_mean": 0.75}, _slices(0.75), _figures(0.25), _results(23), _patients(0.75))
+    assert list(dict.fromkeys(read_folder(tmp_path)["patients"]["variant"])) == ["a", "b"]  # params order

@@ -273,3 +273,52 @@ def test_report_without_per_patient_rows_says_so(tmp_path):
     md = run_report(dirs, PARAMS)
     assert "No per-patient rows for `unet_bce`" in md
     assert "**Table 3: not run**" in md
+
+
+def test_load_patients_of_one_variant_in_a_shared_file(tmp_path):
+    """The ``lggseg reproduce`` folder keeps every variant's rows in one patients.csv with a variant column."""
+    path = tmp_path / "patients.csv"
+    rows = pd.DataFrame({"variant": ["a", "a", "b"], "seed": [23, 23, 23], "postprocessed": [False, True, False],
+                         "patient_id": ["TCGA_A", "TCGA_A", "TCGA_A"], "dice_3d": [0.7, 0.8, 0.1],
+                         "dice_slice_mean": [0.9, 0.95, 0.2]})
+    rows.to_csv(path, index=False)
+    assert load_patients(path, "b")[["patient_id", "dice_3d"]].values.tolist() == [["TCGA_A", 0.1]]
+    assert "variant" not in load_patients(path, "a").columns
+    with pytest.raises(DataError, match="no rows of variant c"):
+        load_patients(path, "c")
+    with pytest.raises(DataError, match="a patient appears twice"):
+        load_patients(path)  # both variants' rows read as one variant's
+    rows.drop(columns="variant").to_csv(path, index=False)
+    with pytest.raises(DataError, match="no variant column"):
+        load_patients(path, "a")
+
+
+def test_a_subset_of_the_variants_makes_the_comparisons_it_can_and_lists_the_others(tmp_path):
+    """Table 2 with its BCE + Dice + outlier variant not run yet: the Dice step is compared, the outlier step
+    is listed as not run (the isolated-region variant does not stand in for it), the table is partly run."""
+    params = json.loads(json.dumps(PARAMS))
+    dirs = write_inputs(tmp_path, params)
+    gone = ["regnet_attr_bce_dice_outlier", "unet_bce"]
+    for name in gone:
+        (dirs["metrics"] / f"{name}.json").unlink()
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 0.05, N_PATIENTS)
+    for name in params["variants"]:
+        if name not in gone:
+            _patients_csv(dirs["eval"] / name / "patients.csv", {23: 0.75 if name == "regnet_attr_bce_dice" else 0.65},
+                          base, rng)
+    md = run_report(dirs, params)
+    tables = parse_tables(md)
+    t2 = {r["Comparison (B vs A)"]: r for r in tables[next(k for k in tables if k.startswith("Paired: Table 2"))]}
+    assert t2["`regnet_attr_bce_dice` vs `regnet_attr_bce`"]["Verdict"] == REPRODUCED  # +0.10 on every patient
+    assert t2["`regnet_attr_bce_dice_outlier` vs `regnet_attr_bce_dice`"]["Verdict"] == \
+        "not run (no results for `regnet_attr_bce_dice_outlier`)"
+    assert t2["`regnet_attr_bce_dice_outlier` vs `regnet_attr_bce_dice`"]["Δ patient-3D Dice"] == "–"
+    ours = t2["`regnet_attr_bce_dice_isolated` vs `regnet_attr_bce_dice` (ours, no paper claim)"]
+    assert ours["Verdict"] == "A better" and ours["n"] == str(N_PATIENTS)
+    assert "**Table 2: partly run, reproduced so far** (1 reproduced, of the 1 made of the 2 comparisons the paper " \
+           "makes; not run: `regnet_attr_bce_dice_outlier` vs `regnet_attr_bce_dice`)." in md
+    t4 = {r["Comparison (B vs A)"]: r["Verdict"] for r in tables[next(k for k in tables if k.startswith("Paired: Table 4"))]}
+    assert t4["`regnet_bce` vs `unet_bce`"] == "not run (no results for `unet_bce`)"
+    assert sum(v.startswith("not run") for v in t4.values()) == 1 and len(t4) == 7
+    assert "**Table 4: partly run, " in md and "**Table 3: " in md and "**Table 3: partly" not in md

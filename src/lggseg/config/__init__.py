@@ -43,6 +43,7 @@ from lggseg.config.variants import (
     load_run_config,
     resolve_variant,
     run_config_from_dict,
+    unused_loss_fields,
     validate_all,
     variant_names,
     write_configs,
@@ -54,5 +55,5 @@ __all__ = [
     "LR_SCHEDULES", "SECTIONS", "UNUSED_LOSS", "AugmentConfig", "CommonConfig", "ConfigError", "EvaluateConfig",
     "FetchConfig", "LossConfig", "ManifestConfig", "ModelConfig", "PostprocessConfig", "RunConfig", "TrainConfig",
     "canonical", "deep_merge", "from_dict", "is_int", "is_number", "load_run_config", "load_section", "read_params",
-    "resolve_variant", "run_config_from_dict", "validate_all", "variant_names", "write_configs",
+    "resolve_variant", "run_config_from_dict", "unused_loss_fields", "validate_all", "variant_names", "write_configs",
 ]

@@ -102,11 +102,17 @@ the params' values, which an experiment changes) so that such a change leaves th
 and their trained models, alone; equal to the configs written so far."""
 
 
-def canonical(run: RunConfig) -> RunConfig:
-    """``run`` with the loss settings of unused terms reset to :data:`UNUSED_LOSS`'s."""
+def unused_loss_fields(run: RunConfig) -> list[str]:
+    """The :class:`LossConfig` fields that no term of ``run``'s loss reads."""
     unused = [f for term, names in LOSS_TERM_FIELDS.items() if term not in run.loss.terms for f in names]
     if "dice" not in run.loss.terms and "outlier" not in run.loss.terms:
         unused.append("smooth")
+    return unused
+
+
+def canonical(run: RunConfig) -> RunConfig:
+    """``run`` with the loss settings of unused terms reset to :data:`UNUSED_LOSS`'s."""
+    unused = unused_loss_fields(run)
     loss = dataclasses.replace(run.loss, **{f: getattr(UNUSED_LOSS, f) for f in unused})
     return dataclasses.replace(run, loss=loss)
 

@@ -1,14 +1,17 @@
 """The ``lggseg reproduce`` folder format, its one owner: the file names (:data:`FILES`), the writer
-(:class:`FolderWriter`, used by :mod:`lggseg.reproduce`) and the readers (:func:`load_folder_figures`,
-:func:`build_folder_report`, ``lggseg report DIR``).
+(:class:`FolderWriter`, used by :mod:`lggseg.reproduce`) and the readers (:func:`read_folder`, which
+also reads the snapshots of :mod:`lggseg.reporting.snapshot`, and :func:`load_folder_figures`);
+``lggseg report DIR [DIR ...]`` (:mod:`lggseg.reporting.merge`) makes the tables of one or several.
 
-The folder holds the seven files of :data:`FILES`, whatever the number of variants, each written
+The folder holds the eight files of :data:`FILES`, whatever the number of variants, each written
 atomically (files shared by several variants gain a ``variant`` column or key):
 
 * ``params.yaml``: the merged parameters, ``variants`` reduced to those asked for;
 * ``metrics.json``: ``{variant: metrics}``, each exactly the ``metrics/<variant>.json`` of the
   evaluate stage (with its ``provenance`` block);
 * ``slices.csv``: the evaluate stage's per-slice rows of every variant (raw and post-processed);
+* ``patients.csv``: the evaluate stage's per-patient rows of every variant (``variant`` column first), which
+  :func:`lggseg.reporting.paired.load_patients` reads for the paired comparisons of ``tables.md``;
 * ``figure_slices.npz``: the inputs of Figures 7-8: the evaluate stage's :data:`SHARED_FIGURE_KEYS`
   (the same for every variant: the same store and evaluation settings) and, per variant, each of
   :data:`PER_VARIANT_FIGURE_KEYS` under :func:`variant_key` (``prob__<variant>``; compressed);
@@ -23,17 +26,16 @@ metrics, rows and figure arrays as its evaluation ends, ``environment.json`` at 
 atomically, so a process killed at any moment leaves every finished piece readable
 (:func:`read_folder`), only the unfinished ones missing.
 
-``lggseg report DIR`` (:func:`build_folder_report`) reads the folder back and writes ``tables.md`` and
-the figures through :func:`lggseg.reporting.report.write_report`, the function the report stage ends
-in. Kept in reporting, below :mod:`lggseg.reproduce`, so reporting never imports the code that trains.
+``lggseg report DIR`` (:mod:`lggseg.reporting.merge`) reads the folder back and writes ``tables.md``
+(with the paired per-patient comparisons of ``patients.csv``) and the figures through
+:func:`lggseg.reporting.report.write_report`, the function the report stage ends in. Kept in
+reporting, below :mod:`lggseg.reproduce`, so reporting never imports the code that trains.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -41,10 +43,11 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from lggseg.config import ConfigError, read_params, resolve_variant
-from lggseg.errors import DataError, LggsegError
+from lggseg.config import read_params
+from lggseg.errors import DataError
 from lggseg.io import atomic_path, write_bytes, write_csv, write_json, write_yaml
 from lggseg.reporting.results import check_figure_slices
+from lggseg.reporting.snapshot import is_snapshot, read_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ FILES: Final[dict[str, str]] = {
     "params": "params.yaml",
     "metrics": "metrics.json",
     "slices": "slices.csv",
+    "patients": "patients.csv",
     "figures": "figure_slices.npz",
     "training": "training.csv",
     "environment": "environment.json",
@@ -79,6 +83,7 @@ class FolderWriter:
         self.environment = environment
         self.metrics: dict[str, Any] = {}
         self.slices: dict[str, pd.DataFrame] = {}
+        self.patients: dict[str, pd.DataFrame] = {}
         self.variants = list(params.get("variants") or {})
         self.training: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (variant, seed) -> history rows
         self.figures: dict[str, np.ndarray] = {}
@@ -112,11 +117,14 @@ class FolderWriter:
         write_csv(self.out / FILES["training"], pd.DataFrame(rows))
 
     def add_variant(self, variant: str, metrics: dict[str, Any], slices: pd.DataFrame,
-                    figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]]) -> None:
-        """Add a variant's evaluation (``metrics``, per-slice rows, figure arrays) and its seeds'
-        ``result.json`` contents (``results``), and rewrite every file."""
+                    figures: Mapping[str, np.ndarray], results: Sequence[dict[str, Any]],
+                    patients: pd.DataFrame | None = None) -> None:
+        """Add a variant's evaluation (``metrics``, per-slice rows, figure arrays, per-patient rows) and its
+        seeds' ``result.json`` contents (``results``), and rewrite every file."""
         self.metrics[variant] = metrics
         self.slices[variant] = slices.assign(variant=variant)[["variant", *slices.columns]]
+        if patients is not None:
+            self.patients[variant] = patients.assign(variant=variant)[["variant", *patients.columns]]
         for r in results:  # the stored history is the record (an epoch seen live and replayed after a resume: once)
             self.training[(variant, int(r["seed"]))] = [dict(row) for row in r["history"]]
         for key in SHARED_FIGURE_KEYS:
@@ -126,6 +134,9 @@ class FolderWriter:
         done = sorted(self.metrics, key=self._rank)
         write_json(self.out / FILES["metrics"], {v: self.metrics[v] for v in done})
         write_csv(self.out / FILES["slices"], pd.concat([self.slices[v] for v in done], ignore_index=True))
+        if self.patients:
+            write_csv(self.out / FILES["patients"],
+                      pd.concat([self.patients[v] for v in done if v in self.patients], ignore_index=True))
         self._write_training()
         with atomic_path(self.out / FILES["figures"], suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **self.figures)
@@ -133,14 +144,22 @@ class FolderWriter:
 
 
 def read_folder(folder: str | Path) -> dict[str, Any]:
-    """What a (possibly unfinished or killed) folder holds: ``params``, ``environment``, ``metrics``
-    (``{variant: metrics}``), ``training`` and ``slices`` (DataFrames), each None when not written yet.
-    A file that exists but cannot be read is a :class:`~lggseg.errors.DataError`: every write is atomic."""
+    """What a results folder holds, whichever wrote it: a (possibly unfinished or killed) ``lggseg reproduce``
+    folder (this module's format) or a snapshot (:func:`lggseg.reporting.snapshot.read_snapshot`).
+
+    Keys: ``layout`` (``reproduce`` | ``snapshot``), ``params``, ``metrics`` (``{variant: metrics}``),
+    ``training``, ``slices`` and ``patients`` (DataFrames with a ``variant`` column), ``environment``
+    (``environment.json``) or ``snapshot`` (``snapshot.json``), ``commit`` (the project's), ``files``
+    (``{kind: path}`` of the side files there: ``components``, ``figures``, ``data``, ``fetch``); each None
+    when not written (yet). A file that exists but cannot be read is a
+    :class:`~lggseg.errors.DataError`: every write is atomic."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (written by lggseg reproduce)")
-    out: dict[str, Any] = {}
-    for kind in ("params", "environment", "metrics", "training", "slices"):
+        raise DataError(f"{folder}: no such folder (written by lggseg reproduce or by the snapshot tool)")
+    if is_snapshot(folder):
+        return read_snapshot(folder)
+    out: dict[str, Any] = {"layout": "reproduce", "snapshot": None}
+    for kind in ("params", "environment", "metrics", "training", "slices", "patients"):
         path = folder / FILES[kind]
         if not path.is_file():
             out[kind] = None
@@ -151,9 +170,16 @@ def read_folder(folder: str | Path) -> dict[str, Any]:
             elif path.suffix == ".json":
                 out[kind] = json.loads(path.read_text())
             else:
-                out[kind] = pd.read_csv(path)
+                out[kind] = pd.read_csv(path, dtype={"patient_id": str} if kind == "patients" else None)
         except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise DataError(f"{path}: not readable: {' '.join(str(exc).split())}") from None
+    for kind in ("environment", "metrics"):
+        if out[kind] is not None and not isinstance(out[kind], Mapping):
+            raise DataError(f"{folder / FILES[kind]}: expected a JSON object")
+    out["commit"] = (out["environment"] or {}).get("git_commit")
+    out["files"] = {"components": folder / FILES["components"], "figures": folder / FILES["figures"],
+                    "data": None, "fetch": None}
+    out["files"] = {k: p if p is not None and p.is_file() else None for k, p in out["files"].items()}
     return out
 
 
@@ -171,65 +197,3 @@ def load_folder_figures(path: Path, variants: Sequence[str]) -> dict[str, Any]:
         raise DataError(f"{path}: missing array(s) {missing}; has {sorted(arrays)}")
     return {v: check_figure_slices(arrays["ids"], arrays["image"], arrays["truth"], arrays[variant_key("prob", v)], path)
             for v in variants if variant_key("prob", v) in arrays}
-
-
-def build_folder_report(folder: str | Path, tables: str | Path | None = None, plots: str | Path | None = None) -> Path:
-    """``tables.md`` (default ``folder/tables.md``) and the figures (default ``folder/plots/``) of a
-    ``lggseg reproduce`` folder, by :func:`lggseg.reporting.report.write_report`; returns the tables' path."""
-    from lggseg.reporting.report import DataSource, ReportSources, figure7_variants, figure8_variants
-    from lggseg.reporting.results import Result, check_metrics, load_components
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (written by lggseg reproduce)")
-    tables = Path(tables) if tables is not None else folder / "tables.md"
-    plots = Path(plots) if plots is not None else folder / "plots"
-    params = read_params(folder / FILES["params"])
-    metrics_path, env_path = folder / FILES["metrics"], folder / FILES["environment"]
-    for path in (metrics_path, env_path):
-        if not path.is_file():
-            raise DataError(f"{path}: not found (written by lggseg reproduce once a variant has finished)")
-    try:
-        metrics, env = json.loads(metrics_path.read_text()), json.loads(env_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{metrics_path} or {env_path}: not valid JSON: {exc}") from None
-    if not isinstance(metrics, Mapping) or not metrics:
-        raise DataError(f"{metrics_path}: holds no variant's metrics")
-    results = [Result(v, resolve_variant(params, v), check_metrics(m, f"{metrics_path}[{v}]")) for v, m in metrics.items()]
-    data = env.get("data") or {}
-    fp = (data.get("fingerprint") or {}).get("sha256")
-    source = DataSource(str(data.get("source") or "unknown"),
-                        f"`{env_path.as_posix()}`: raw={data.get('raw')}, fingerprint={fp[:12] + '...' if fp else None}")
-    components = load_components(folder / FILES["components"])
-    slices = load_folder_figures(folder / FILES["figures"], [r.name for r in results])
-    missing: dict[str, str] = {}
-    figs: dict[str, Any] = {}
-    for key, pick in (("figure7", figure7_variants), ("figure8", figure8_variants)):
-        try:
-            figs[key] = pick(results)
-        except ConfigError as exc:
-            figs[key], missing[key] = None, str(exc).removeprefix("report: ")
-    where = ReportSources(folder / FILES["figures"], folder / FILES["components"], env_path, data.get("summary"),
-                          figure9=False)
-    from lggseg.reporting.report import write_report
-
-    write_report(params, results, source, components, slices, tables, plots, where=where, fig7=figs["figure7"],
-                 fig8=figs["figure8"], missing=missing)
-    return tables
-
-
-def main(argv: list[str] | None = None, prog: str = "lggseg report") -> int:
-    """``lggseg report DIR``: tables.md and the figures of a ``lggseg reproduce`` folder
-    (:func:`lggseg.reporting.folder.build_folder_report`); the pipeline's report is the ``report`` stage."""
-    ap = argparse.ArgumentParser(prog=prog, description="Paper Tables 2-4 and figures from a `lggseg reproduce` folder.")
-    ap.add_argument("folder", type=Path, help="the folder lggseg reproduce wrote")
-    ap.add_argument("--tables", type=Path, help="markdown to write (default: FOLDER/tables.md)")
-    ap.add_argument("--plots", type=Path, help="folder for the figures (default: FOLDER/plots)")
-    args = ap.parse_args(argv)
-    try:
-        path = build_folder_report(args.folder, args.tables, args.plots)
-    except LggsegError as exc:
-        print(f"report: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0

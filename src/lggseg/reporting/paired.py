@@ -52,16 +52,30 @@ ALPHA = 0.05
 PATIENT_COLUMNS = ("seed", "postprocessed", "patient_id", *PAIRED_METRICS)
 
 
-def load_patients(path: str | Path) -> pd.DataFrame:
-    """The raw (not post-processed) per-patient rows of ``patients.csv`` (the evaluate stage's), checked."""
+def load_patients(path: str | Path, variant: str | None = None) -> pd.DataFrame:
+    """The raw (not post-processed) per-patient rows of ``patients.csv``, checked: the evaluate stage's file
+    of one variant, or with ``variant`` the rows of that variant in a file with a ``variant`` column (the
+    ``lggseg reproduce`` folder's, :mod:`lggseg.reporting.folder`)."""
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype={"patient_id": str})
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: cannot read per-patient rows: {exc}") from None
+    return check_patients(table, path, variant)
+
+
+def check_patients(table: pd.DataFrame, path: str | Path, variant: str | None = None) -> pd.DataFrame:
+    """:func:`load_patients` of rows already read (``path`` names them in errors)."""
+    if variant is not None:
+        if "variant" not in table.columns:
+            raise DataError(f"{path}: no variant column, so the rows of {variant} cannot be told apart")
+        table = table[table["variant"].astype(str) == variant].drop(columns="variant")
+        if table.empty:
+            raise DataError(f"{path}: no rows of variant {variant}")
     missing = [c for c in PATIENT_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}")
+    table = table.assign(patient_id=table["patient_id"].astype(str))
     post = table["postprocessed"].astype(str).str.lower()
     if not post.isin(["true", "false"]).all():
         raise DataError(f"{path}: column postprocessed must be True/False")
@@ -324,19 +338,41 @@ def _label(r: Result) -> str:
     return f"`{r.name}`"
 
 
-def table_sentence(table: str, outcomes: Sequence[Outcome]) -> str:
+def _missing_side(c: Comparison, usable: Mapping[str, object], absent: set[str]) -> str:
+    """Why comparison ``c`` cannot be made ("" when it can): a side without results or per-patient rows."""
+    none = [r.name for r in (c.b, c.a) if r.name in absent]
+    if none:
+        return "no results for " + ", ".join(f"`{n}`" for n in none)
+    rows = [r.name for r in (c.b, c.a) if r.name not in usable]
+    return "no per-patient rows for " + ", ".join(f"`{n}`" for n in rows) if rows else ""
+
+
+def table_sentence(table: str, outcomes: Sequence[Outcome], not_run: Sequence[Comparison] = ()) -> str:
+    """One sentence per table: the verdict of the paper's comparisons that were made, and those not made."""
     claims = [o.verdict for o in outcomes if o.comparison.claim]
+    missing = [c for c in not_run if c.claim]
     short = TABLE_TITLES[table].split(" - ")[0]
+    names = ", ".join(f"{_label(c.b)} vs {_label(c.a)}" for c in missing)
     if not claims:
+        if missing:
+            return f"**{short}: not run** (none of the paper's {len(missing)} comparisons could be made: {names})."
         return f"**{short}: not run** (the variants of its comparisons are not all in these results)."
     word = combine(claims)
     counts = ", ".join(f"{claims.count(v)} {v}" for v in (REPRODUCED, REVERSED, UNRESOLVED) if claims.count(v))
+    if missing:
+        total = len(claims) + len(missing)
+        return (f"**{short}: partly run, {word} so far** ({counts}, of the {len(claims)} made of the {total} "
+                f"comparisons the paper makes; not run: {names}).")
     return f"**{short}: {word}** ({counts}, of {len(claims)} comparison{'s' if len(claims) > 1 else ''} the paper makes)."
 
 
 def paired_markdown(results: Sequence[Result], patients: Mapping[str, pd.DataFrame], *, n_samples: int = 1000,
-                    seed: int = 23) -> list[str]:
-    """The ``Paired comparisons`` section of tables.md: noise floor, one table and one sentence per paper table."""
+                    seed: int = 23, absent: Sequence[Result] = ()) -> list[str]:
+    """The ``Paired comparisons`` section of tables.md: noise floor, one table and one sentence per paper table.
+
+    ``absent``: the variants of the params that have no results (their metrics may be empty): the
+    comparisons are chosen among all the variants, so a comparison with one of these is listed as not run
+    rather than made with another variant in its place."""
     lines = [
         "## Paired comparisons (per patient, raw predictions)",
         "",
@@ -350,28 +386,44 @@ def paired_markdown(results: Sequence[Result], patients: Mapping[str, pd.DataFra
         "",
     ]
     lines += [levelling_line(results), ""]
-    usable = [r for r in results if r.name in patients]
-    absent = [r.name for r in results if r.name not in patients]
-    floors = noise_floor(usable, patients)
-    lines += _noise_lines(usable, floors)
-    if absent:
-        lines += [f"No per-patient rows for {', '.join(f'`{n}`' for n in absent)}: comparisons with them are left out.", ""]
-    outcomes = [evaluate_comparison(c, patients, floors, n_samples, seed) for c in comparisons(usable)]
+    usable = {r.name: r for r in results if r.name in patients}
+    absent_names = {r.name for r in absent} - {r.name for r in results}
+    without_rows = [r.name for r in results if r.name not in patients]
+    floors = noise_floor(list(usable.values()), patients)
+    lines += _noise_lines(list(usable.values()), floors)
+    if without_rows:
+        lines += [f"No per-patient rows for {', '.join(f'`{n}`' for n in without_rows)}: comparisons with them are left out.", ""]
+    planned = [*results, *(r for r in absent if r.name in absent_names)]
+    made: list[Outcome] = []
+    not_made: list[tuple[Comparison, str]] = []
+    for c in comparisons(planned):
+        why = _missing_side(c, usable, absent_names)
+        if why:
+            not_made.append((c, why))
+        else:
+            made.append(evaluate_comparison(c, patients, floors, n_samples, seed))
     header = ("Comparison (B vs A)", "Seeds B/A", "n", "Paper Δ DSC",
               *(f"Δ {name} {part}" for name in PAIRED_METRICS.values() for part in ("", "95% CI", "Wilcoxon p")),
               "Verdict")
     header = tuple(h.replace("  ", " ").strip() for h in header)
     for table in ("table3", "table2", "table4"):
-        mine = [o for o in outcomes if o.comparison.table == table]
+        mine = [o for o in made if o.comparison.table == table]
+        skipped = [(c, why) for c, why in not_made if c.table == table]
         lines += [f"### Paired: {TABLE_TITLES[table]}", ""]
-        if mine:
-            rows = []
-            for o in mine:
-                c = o.comparison
-                n = {s.n for s in o.stats.values()}
-                rows.append([f"{_label(c.b)} vs {_label(c.a)}" + ("" if c.claim else " (ours, no paper claim)"),
-                             f"{o.seeds[1]}/{o.seeds[0]}", "/".join(str(k) for k in sorted(n)),
-                             _pp(c.paper_diff), *(cell for s in o.stats.values() for cell in _stat_cells(s)), o.verdict])
+        rows = []
+        for o in mine:
+            c = o.comparison
+            n = {s.n for s in o.stats.values()}
+            rows.append([_comparison_label(c), f"{o.seeds[1]}/{o.seeds[0]}", "/".join(str(k) for k in sorted(n)),
+                         _pp(c.paper_diff), *(cell for s in o.stats.values() for cell in _stat_cells(s)), o.verdict])
+        for c, why in skipped:
+            rows.append([_comparison_label(c), "–", "–", _pp(c.paper_diff), *["–"] * (3 * len(PAIRED_METRICS)),
+                         f"not run ({why})"])
+        if rows:
             lines += [*md_table(header, rows), ""]
-        lines += [table_sentence(table, mine), ""]
+        lines += [table_sentence(table, mine, [c for c, _ in skipped]), ""]
     return lines
+
+
+def _comparison_label(c: Comparison) -> str:
+    return f"{_label(c.b)} vs {_label(c.a)}" + ("" if c.claim else " (ours, no paper claim)")

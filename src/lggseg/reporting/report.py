@@ -15,6 +15,12 @@ Figures: paper Fig. 7 (BCE vs BCE + Dice + outlier loss: contours and probabilit
 Fig. 8 (Table 4 encoders on the same slices), the dataset's ground-truth component sizes (the
 "six regions smaller than 7 x 7" of section 4.1.3) and a Dice-by-variant chart with bootstrap CIs.
 
+A subset of the variants is a report of that subset (Tables 2-4 trained over several sittings, issue
+#21): a variant of ``params.yaml`` without ``metrics/<variant>.json`` is "not run" in its paper row and in
+the paired comparisons, and a figure that needs it is skipped with one line saying which variants it
+needs (:func:`figure7_variants`, :func:`figure8_variants`). Several sittings' folders are merged by
+``lggseg report`` (:mod:`lggseg.reporting.merge`).
+
 Inputs that the report needs and cannot read are errors naming the file (:class:`DataError`);
 numbers that come from the synthetic demo data are labelled as such in the tables and figures.
 Under every table one line gives the provenance of its numbers (the ``provenance`` block that
@@ -35,7 +41,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lggseg.config import ConfigError, load_section
+from lggseg.config import load_section
 from lggseg.errors import DataError
 from lggseg.io import write_text
 from lggseg.reporting import plotting
@@ -45,9 +51,9 @@ from lggseg.reporting.results import (
     Result,
     below_text,
     component_counts,
+    load_available,
     load_components,
     load_figure_slices,
-    load_results,
 )
 from lggseg.reporting.tables import (
     beyond_markdown,
@@ -170,11 +176,15 @@ def _header_lines(source: DataSource, results: Sequence[Result], side: int) -> l
     return lines
 
 
-def _dataset_lines(components: pd.DataFrame, source: Path, data_json: Path, summary: Any, fig_link: str,
+def _dataset_lines(components: pd.DataFrame | None, source: Path, data_json: Path, summary: Any, fig_link: str,
                    side: int) -> list[str]:
-    lines = ["## Dataset: ground-truth component sizes", "",
-             "Paper section 4.1.3: *six segmentation regions smaller than 7 x 7* in the dataset (of about 3929 slices). "
-             "Ground-truth connected components of every mask, counted under each reading of 'smaller than 7 x 7':", ""]
+    lines = ["## Dataset: ground-truth component sizes", ""]
+    if components is None:
+        lines += [f"Not drawn: no ground-truth component table (`{source.as_posix()}`) among these results "
+                  "(a snapshot folder keeps none).", ""]
+        return lines + _summary_lines(data_json, summary)
+    lines += ["Paper section 4.1.3: *six segmentation regions smaller than 7 x 7* in the dataset (of about 3929 slices). "
+              "Ground-truth connected components of every mask, counted under each reading of 'smaller than 7 x 7':", ""]
     rows = [
         [f"{conn}-connected", str(c["components"]), str(c["area_lt_side_sq"]), str(c["bbox_le_side"]),
          str(c["bbox_lt_side"]), str(c["slices_with_area_lt_side_sq"])]
@@ -183,11 +193,14 @@ def _dataset_lines(components: pd.DataFrame, source: Path, data_json: Path, summ
     lines += md_table(("Connectivity", "Components", f"area < {side * side} px", f"bounding box <= {side} x {side}",
                         f"bounding box < {side} x {side}", f"slices with a component < {side * side} px"), rows)
     lines += ["", f"From `{source.as_posix()}`.", "", f"![component sizes]({fig_link})", ""]
-    if summary is not None:
-        scalars = _flat_scalars(summary)
-        if scalars:
-            lines += [f"### Dataset summary (`{data_json.as_posix()}`)", "", *md_table(("Key", "Value"), scalars), ""]
-    return lines
+    return lines + _summary_lines(data_json, summary)
+
+
+def _summary_lines(data_json: Path, summary: Any) -> list[str]:
+    scalars = _flat_scalars(summary) if summary is not None else []
+    if not scalars:
+        return []
+    return [f"### Dataset summary (`{data_json.as_posix()}`)", "", *md_table(("Key", "Value"), scalars), ""]
 
 
 # --------------------------------------------------------------------------- figures
@@ -213,25 +226,38 @@ def _loss_label(r: Result) -> str:
     return label
 
 
-def figure7_variants(results: Sequence[Result]) -> tuple[Result, Result]:
-    """The Table 2 BCE variant and the Table 2 BCE + Dice + outlier variant (paper mode preferred)."""
-    t2 = [r for r in results if "table2" in r.run.tables]
+FigurePick = tuple[list[Result] | None, str]
+"""The variants a figure draws (None: not drawn) and, when not drawn, why (which variants it needs)."""
+
+
+def _needs(picked: Sequence[Result], results: Sequence[Result]) -> FigurePick:
+    have = {r.name for r in results}
+    lacking = [r.name for r in picked if r.name not in have]
+    if lacking:
+        return None, (f"needs {', '.join(f'`{r.name}`' for r in picked)}; no results for "
+                      f"{', '.join(f'`{n}`' for n in lacking)}")
+    return list(picked), ""
+
+
+def figure7_variants(results: Sequence[Result], absent: Sequence[Result] = ()) -> FigurePick:
+    """The Table 2 BCE variant and the Table 2 BCE + Dice + outlier variant (paper mode preferred), chosen
+    among all the variants (``absent``: those without results), so a missing one skips the figure rather
+    than putting another variant in its place."""
+    t2 = [r for r in (*results, *absent) if "table2" in r.run.tables]
     bce = next((r for r in t2 if set(r.run.loss.terms) == {"bce"}), None)
-    outl = [r for r in t2 if uses_outlier(r)]
-    outl.sort(key=lambda r: r.run.loss.outlier_mode != "paper")
+    outl = sorted((r for r in t2 if uses_outlier(r)), key=lambda r: r.run.loss.outlier_mode != "paper")
     if bce is None or not outl:
-        raise ConfigError(
-            "report: figure 7 needs a variant in table2 with loss.terms [bce] and one with the outlier term; "
-            f"table2 has {[r.name for r in t2]}"
-        )
-    return bce, outl[0]
+        return None, ("needs a variant in table2 with loss.terms [bce] and one with the outlier term; "
+                      f"table2 has {[r.name for r in t2]}")
+    return _needs((bce, outl[0]), results)
 
 
-def figure8_variants(results: Sequence[Result]) -> list[Result]:
-    ordered = [r for _, hits in paper_matches("table4", results) for r in hits]
+def figure8_variants(results: Sequence[Result], absent: Sequence[Result] = ()) -> FigurePick:
+    """Every Table 4 variant (paper order); the figure is skipped while one of them has no results."""
+    ordered = [r for _, hits in paper_matches("table4", [*results, *absent]) for r in hits]
     if not ordered:
-        raise ConfigError("report: figure 8 needs at least one variant listing table4 in its tables")
-    return ordered
+        return None, "needs at least one variant listing table4 in its tables"
+    return _needs(ordered, results)
 
 
 def _dice_bars(results: Sequence[Result]) -> list[plotting.DiceBar]:
@@ -275,20 +301,22 @@ def build_report(
     fails the stage without leaving a half-updated report.
     """
     metrics_dir, eval_dir, manifest_dir = Path(metrics_dir), Path(eval_dir), Path(manifest_dir)
-    results = load_results(params, metrics_dir)
+    # a subset of the variants (a sitting of a run split over several) is a report of that subset
+    results, absent = load_available(params, metrics_dir)
     source = data_source(metrics_dir, params)
     components = load_components(manifest_dir / "components.csv")
     data_json = metrics_dir / "data.json"
     summary = _read_json(data_json) if data_json.is_file() else None
     # per-patient rows of the paired comparisons; a variant without them is named in the section, not an error
     patients = {r.name: load_patients(path) for r in results if (path := eval_dir / r.name / "patients.csv").is_file()}
-    fig7 = figure7_variants(results)
-    fig8 = figure8_variants(results)
+    fig7, why7 = figure7_variants(results, absent)
+    fig8, why8 = figure8_variants(results, absent)
     slices = {r.name: load_figure_slices(eval_dir / r.name / "figure_slices.npz")
-              for r in tqdm({r.name: r for r in (*fig7, *fig8)}.values(), desc="figure slices", leave=False)}
+              for r in tqdm({r.name: r for r in (*(fig7 or ()), *(fig8 or ()))}.values(), desc="figure slices",
+                            leave=False)}
     write_report(params, results, source, components, slices, out_md, plots_dir,
                  where=ReportSources(eval_dir, manifest_dir / "components.csv", data_json, summary), fig7=fig7, fig8=fig8,
-                 patients=patients)
+                 missing={"figure7": why7, "figure8": why8}, patients=patients, absent=absent)
 
 
 @dataclass(frozen=True)
@@ -306,23 +334,28 @@ def write_report(
     params: Mapping[str, Any],
     results: Sequence[Result],
     source: DataSource,
-    components: pd.DataFrame,
+    components: pd.DataFrame | None,
     slices: Mapping[str, FigureSlices],
     out_md: str | Path,
     plots_dir: str | Path,
     *,
     where: ReportSources,
-    fig7: tuple[Result, Result] | None,
-    fig8: list[Result] | None,
+    fig7: Sequence[Result] | None,
+    fig8: Sequence[Result] | None,
     missing: Mapping[str, str] | None = None,
     patients: Mapping[str, pd.DataFrame] | None = None,
+    absent: Sequence[Result] = (),
+    origin: Sequence[str] = (),
 ) -> None:
     """The report of loaded, validated inputs: :func:`build_report` (the stage) and
-    :func:`lggseg.reporting.folder.build_folder_report` (a ``lggseg reproduce`` folder) both end here.
+    :func:`lggseg.reporting.merge.build_report_from_folders` (reproduce folders and snapshots) both end here.
 
     ``fig7``/``fig8`` None: that figure is not drawn, for the reason in ``missing[figure]``. ``patients``:
     each variant's per-patient rows (:func:`lggseg.reporting.paired.load_patients`) for the paired comparisons;
-    None leaves that section out.
+    None leaves that section out. ``absent``: the variants of the params without results (their paper rows
+    say "not run", comparisons with them are listed as not run). ``components`` None: the ground-truth
+    component table is not among the inputs (a snapshot folder), its figure and table are left out.
+    ``origin``: markdown lines placed under the header (where the results came from, when merged).
     """
     out_md, plots_dir = Path(out_md), Path(plots_dir)
     evaluate = load_section("evaluate", params)
@@ -350,21 +383,28 @@ def write_report(
             [(_short_label(r), slices[r.name].prob > evaluate.threshold) for r in fig8], paths["figure8"], note=note,
         )
     side = evaluate.noise_side
-    counts = component_counts(components, side)
-    plotting.plot_component_sizes(
-        {f"{c}-connected": components.loc[components["connectivity"] == c, "area"].to_numpy() for c in counts},
-        {f"{c}-connected": below_text(n, side) for c, n in counts.items()}, paths["components"], side=side, note=note,
-    )
+    if components is not None:
+        counts = component_counts(components, side)
+        plotting.plot_component_sizes(
+            {f"{c}-connected": components.loc[components["connectivity"] == c, "area"].to_numpy() for c in counts},
+            {f"{c}-connected": below_text(n, side) for c, n in counts.items()}, paths["components"], side=side,
+            note=note,
+        )
     plotting.plot_dice_by_variant(_dice_bars(results), paths["dice"], note=note)
 
     md_dir = out_md.parent
     links = {k: _relative(p, md_dir) for k, p in paths.items()}
     lines = _header_lines(source, results, side)
+    lines += list(origin)
+    if absent:
+        lines += [f"Not run yet (variants of the params without results; their rows say so): "
+                  f"{', '.join(f'`{r.name}`' for r in absent)}.", ""]
     lines += ["## Paper tables", ""]
     for table in ("table2", "table3", "table4"):
         lines += paper_table_markdown(table, results)
     if patients is not None:
-        lines += paired_markdown(results, patients, n_samples=evaluate.bootstrap_samples, seed=evaluate.bootstrap_seed)
+        lines += paired_markdown(results, patients, n_samples=evaluate.bootstrap_samples, seed=evaluate.bootstrap_seed,
+                                 absent=absent)
     lines += [f"![Test Dice by variant]({links['dice']})", ""]
     lines += ["## Figures", ""]
     lines.append(f"- Figure 7 (loss comparison, `{fig7[0].name}` vs `{fig7[1].name}`): ![figure 7]({links['figure7']})"
@@ -375,7 +415,7 @@ def write_report(
         fig9_state = "" if paths["figure9"].is_file() else " (not written yet: run the figure9 stage)"
         lines.append(f"- Figure 9 (outlier loss on a synthetic input){fig9_state}: ![figure 9]({links['figure9']})")
     lines.append("")
-    lines += beyond_markdown(results)
+    lines += beyond_markdown(results, absent)
     lines += _dataset_lines(components, where.components, where.summary_path, where.summary, links["components"], side)
     write_text(out_md, "\n".join(lines))
 

@@ -216,3 +216,21 @@ def load_results(params: Mapping[str, Any], metrics_dir: str | Path) -> list[Res
     names = variant_names(params)
     return [Result(n, resolve_variant(params, n), load_metrics(metrics_dir / f"{n}.json"))
             for n in tqdm(names, desc="metrics", unit="variant", leave=False)]
+
+
+def load_available(params: Mapping[str, Any], metrics_dir: str | Path) -> tuple[list[Result], list[Result]]:
+    """``(results, absent)``: the variants of ``params`` whose ``<variant>.json`` exists in ``metrics_dir``,
+    loaded and checked, and the others as :class:`Result` with empty metrics (not run yet: the report marks
+    their rows "not run"). A metrics file that exists must be valid; at least one must exist."""
+    metrics_dir = Path(metrics_dir)
+    present, absent = [], []
+    for name in variant_names(params):
+        run, path = resolve_variant(params, name), metrics_dir / f"{name}.json"
+        if path.is_file():
+            present.append(Result(name, run, load_metrics(path)))
+        else:
+            absent.append(Result(name, run, {}))
+    if not present:
+        raise DataError(f"{metrics_dir}: no variant of the params has a metrics file (<variant>.json; "
+                        "run the evaluate stage for at least one variant first)")
+    return present, absent

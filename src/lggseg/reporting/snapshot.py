@@ -6,7 +6,10 @@ copies from a workspace, for each variant, the metrics JSON, the per-slice and p
 the training record (``result.json``: per-epoch history, epochs done, why training stopped), plus the
 workspace's merged ``params.yaml`` and ``dvc.lock``, the wall time of the run when recorded, the
 exact command, the project's git commit and the machine (:func:`lggseg.runtime.machine_record`).
-Nothing large is copied: no model weights, no data.
+Nothing large is copied: no model weights, no data (and no figure slices or component table, so a report
+of snapshots has no Figures 7-8 and no component-size figure). :func:`read_snapshot` reads a snapshot
+back in the shape of :func:`lggseg.reporting.folder.read_folder`, so ``lggseg report`` takes snapshots and
+``lggseg reproduce`` folders alike (:mod:`lggseg.reporting.merge`).
 
 ``python -m lggseg.reporting.snapshot --workspace laptop --variant laptop --dest results/laptop-2026-11-30
 --command "make laptop DATA=..."``
@@ -15,16 +18,21 @@ Nothing large is copied: no model weights, no data.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lggseg.config import ConfigError
+import pandas as pd
+
+from lggseg.config import ConfigError, read_params
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json, write_text
-from lggseg.runtime import git_commit, machine_record
+
+RECORD = "snapshot.json"
+"""The snapshot's own record: command, variants, project and workspace commits, machine."""
 
 # Files over this size are refused: a snapshot is for git, not for data or weights.
 MAX_FILE_BYTES = 2_000_000
@@ -42,6 +50,9 @@ def _copy(src: Path, dst: Path) -> None:
 def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | Path, command: str,
                    repo: str | Path = ".", note: str = "") -> Path:
     """Copy ``variants``' results from ``workspace`` into ``dest`` (see the module doc); returns ``dest``."""
+    # torch comes with runtime; reading a snapshot needs neither
+    from lggseg.runtime import git_commit, machine_record
+
     ws, dest = Path(workspace), Path(dest)
     if not variants:
         raise ConfigError("write_snapshot: name at least one variant")
@@ -63,10 +74,78 @@ def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | P
         "workspace_commit": git_commit(ws),
         "machine": machine_record(),
     }
-    write_json(dest / "snapshot.json", record)
+    write_json(dest / RECORD, record)
     if note:
         write_text(dest / "NOTE.md", note if note.endswith("\n") else note + "\n")
     return dest
+
+
+def is_snapshot(folder: Path) -> bool:
+    """Whether ``folder`` has a snapshot's layout (its record, or a ``metrics/`` folder of variant files)."""
+    return (folder / RECORD).is_file() or (folder / "metrics").is_dir()
+
+
+def _read(path: Path, kind: str) -> Any:
+    try:
+        if kind == "json":
+            return json.loads(path.read_text())
+        if kind == "yaml":
+            return read_params(path)
+        return pd.read_csv(path, dtype={"patient_id": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not readable: {' '.join(str(exc).split())}") from None
+
+
+def _rows(frames: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
+    if not frames:
+        return None
+    return pd.concat([f.assign(variant=v)[["variant", *f.columns]] for v, f in frames.items()], ignore_index=True)
+
+
+def read_snapshot(folder: str | Path) -> dict[str, Any]:
+    """A snapshot's content in the shape of :func:`lggseg.reporting.folder.read_folder` (``layout``
+    ``snapshot``): metrics ``metrics/<variant>.json``, per-slice and per-patient rows of ``rows/<variant>/``
+    and the training histories of ``training/<variant>/seed_<s>/result.json`` gathered into one table
+    each with a ``variant`` column; ``snapshot`` is ``snapshot.json`` and ``commit`` its project commit.
+    Variants in the order ``snapshot.json`` names them (else by file name)."""
+    folder = Path(folder)
+    record = _read(folder / RECORD, "json") if (folder / RECORD).is_file() else None
+    if record is not None and not isinstance(record, Mapping):
+        raise DataError(f"{folder / RECORD}: expected a JSON object")
+    names = [str(v) for v in (record or {}).get("variants") or []]
+    names += sorted(p.stem for p in (folder / "metrics").glob("*.json") if p.stem not in names)
+    metrics = {}
+    for v in names:
+        path = folder / "metrics" / f"{v}.json"
+        if not path.is_file():
+            raise DataError(f"{path}: not found, yet {RECORD} lists {v}")
+        metrics[v] = _read(path, "json")
+    slices, patients, training = {}, {}, []
+    for v in names:
+        for name, into in (("slices.csv", slices), ("patients.csv", patients)):
+            if (path := folder / "rows" / v / name).is_file():
+                into[v] = _read(path, "csv")
+        for path in sorted((folder / "training" / v).glob("seed_*/result.json")):
+            result = _read(path, "json")
+            history = result.get("history") if isinstance(result, Mapping) else None
+            if not isinstance(history, list):
+                raise DataError(f"{path}: no history list (a training result.json)")
+            seed = result.get("seed", path.parent.name.removeprefix("seed_"))
+            training += [{"variant": v, "seed": int(seed), **row} for row in history]
+    side = {"components": folder / "components.csv", "figures": folder / "figure_slices.npz",
+            "data": folder / "data.json", "fetch": folder / "fetch.json"}
+    return {
+        "layout": "snapshot",
+        "params": _read(folder / "params.yaml", "yaml") if (folder / "params.yaml").is_file() else None,
+        "environment": None,
+        "snapshot": record,
+        "metrics": metrics or None,
+        "training": pd.DataFrame(training) if training else None,
+        "slices": _rows(slices),
+        "patients": _rows(patients),
+        "commit": (record or {}).get("project_commit"),
+        "files": {k: p if p.is_file() else None for k, p in side.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,12 +264,15 @@ def postprocess_comparison(results: Sequence[Result]) -> list[Result]:
     return picked
 
 
-def beyond_markdown(results: Sequence[Result]) -> list[str]:
+def beyond_markdown(results: Sequence[Result], absent: Sequence[Result] = ()) -> list[str]:
+    """The beyond-the-paper tables; ``absent``: variants of the params without results (rows "not run")."""
     lines = ["## Beyond the paper", "", "### Variants not in the paper", ""]
     beyond = [r for r in results if "beyond" in r.run.tables]
     header = ("Variant", *OURS_HEADER, "IoU slice-mean", *TAIL_HEADER)
     rows = [[f"{r.label} (`{r.name}`)", *_ours_cells(r.metrics, None), _value(r.metrics, "iou_slice_mean"),
              *_tail_cells(r.metrics), _seeds(r.metrics)] for r in beyond]
+    rows += [[f"{r.label} (`{r.name}`)", "not run", *["–"] * (len(header) - 2)]
+             for r in absent if "beyond" in r.run.tables]
     if rows:
         lines += [*md_table(header, rows), "", *provenance_lines(beyond)]
     else:

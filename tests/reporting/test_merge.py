@@ -1,0 +1,256 @@
+"""``lggseg report FOLDER [FOLDER ...]``: snapshots and ``lggseg reproduce`` folders read alike and merged
+into one tables.md; a variant in two folders or two recipes refused in one line (exit 2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from test_report import PARAMS, metrics_file, parse_tables
+
+from lggseg.reporting.folder import FolderWriter, read_folder
+from lggseg.reporting.merge import EXECUTION_KEYS, build_report_from_folders, main, recipe
+from lggseg.reporting.paired import REPRODUCED
+from lggseg.reporting.snapshot import write_snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+N = 12  # test patients
+SHA = "cd" * 32
+TABLE3 = ["regnet_bce", "regnet_attr_bce"]
+TABLE2 = ["regnet_attr_bce_dice", "regnet_attr_bce_dice_outlier", "regnet_attr_bce_dice_isolated"]
+# each variant's patient-3D Dice around which its patients lie (every patient the same offset): Table 3
+# +0.10, the Dice step (across the two folders) +0.05
+MEANS = {"regnet_bce": 0.55, "regnet_attr_bce": 0.65, "regnet_attr_bce_dice": 0.70, "regnet_attr_bce_dice_outlier": 0.70,
+         "regnet_attr_bce_dice_isolated": 0.70}
+
+
+def _metrics(name: str, sha: str = SHA) -> dict:
+    m = metrics_file(MEANS.get(name, 0.6))
+    m["provenance"] = {"data": {"source": "local", "fingerprint": {"sha256": sha}}, "image_size": 256,
+                       "git_commit": "ab" * 20}
+    return m
+
+
+def _patients(name: str) -> pd.DataFrame:
+    base = np.linspace(-0.05, 0.05, N)  # how hard each patient is, the same for every model
+    d3 = MEANS.get(name, 0.6) + base
+    return pd.DataFrame({"seed": 23, "postprocessed": [False] * N + [True] * N,
+                         "patient_id": [f"TCGA_P{i:02d}" for i in range(N)] * 2, "n_slices": 20,
+                         "dice_slice_mean": np.r_[d3, d3] + 0.1, "dice_3d": np.r_[d3, d3]})
+
+
+def make_snapshot(root: Path, variants: list[str], params: dict | None = None, sha: str = SHA) -> Path:
+    """A DVC-style workspace with ``variants`` evaluated, copied out by :func:`write_snapshot`."""
+    ws = root / "ws"
+    (ws / "metrics").mkdir(parents=True)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params or PARAMS))
+    (ws / "metrics" / "fetch.json").write_text(json.dumps({"source": "local", "sha256": sha}))
+    (ws / "metrics" / "data.json").write_text(json.dumps({"n_slices": 3364, "splits": {"test": {"patients": N}}}))
+    for v in variants:
+        (ws / "metrics" / f"{v}.json").write_text(json.dumps(_metrics(v, sha)))
+        (ws / "data" / "eval" / v).mkdir(parents=True)
+        _patients(v).to_csv(ws / "data" / "eval" / v / "patients.csv", index=False)
+        pd.DataFrame({"seed": [23], "row": [1], "dice": [0.5]}).to_csv(ws / "data" / "eval" / v / "slices.csv", index=False)
+        (ws / "models" / v / "seed_23").mkdir(parents=True)
+        history = [{"epoch": e, "val/dice": 0.5 + 0.1 * e} for e in (1, 2)]
+        (ws / "models" / v / "seed_23" / "result.json").write_text(json.dumps({"seed": 23, "history": history}))
+    return write_snapshot(ws, variants, root / "snap", command="make cpu-tables", repo=REPO)
+
+
+def _one_line_exit_2(capsys, argv: list[str], needle: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("report: ") and err.count("\n") == 1 and needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def table3_and_table2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    return make_snapshot(root / "t3", TABLE3), make_snapshot(root / "t2", TABLE2)
+
+
+def test_a_snapshot_reads_like_a_reproduce_folder(table3_and_table2):
+    t3, _ = table3_and_table2
+    got = read_folder(t3)
+    assert got["layout"] == "snapshot" and list(got["metrics"]) == TABLE3
+    assert got["commit"] == json.loads((t3 / "snapshot.json").read_text())["project_commit"]
+    assert list(got["patients"]["variant"].unique()) == TABLE3 and got["patients"]["patient_id"][0] == "TCGA_P00"
+    assert got["training"][["variant", "seed", "epoch"]].values.tolist() == \
+        [[v, 23, e] for v in TABLE3 for e in (1, 2)]
+    assert got["files"]["figures"] is None and got["files"]["components"] is None
+    assert got["files"]["fetch"] == t3 / "fetch.json"
+
+
+def test_two_snapshots_make_one_report(table3_and_table2, tmp_path, capsys):
+    t3, t2 = table3_and_table2
+    out = tmp_path / "merged" / "tables.md"
+    assert main([str(t3), str(t2), "--tables", str(out)]) == 0
+    md = out.read_text()
+    tables = parse_tables(md)
+    where = {r["Variant"].strip("`"): r["Folder"].strip("`") for r in tables["Where the results come from"]}
+    assert where == {**dict.fromkeys(TABLE3, t3.as_posix()), **dict.fromkeys(TABLE2, t2.as_posix())}
+    assert "Merged by `lggseg report` from 2 folders" in md
+    t2_rows = [r for r in tables[next(k for k in tables if k.startswith("Table 2"))] if r["Ours (variant)"] != "not run"]
+    assert len(t2_rows) == 3  # BCE from one folder, BCE + Dice and + outlier from the other
+    paired2 = {r["Comparison (B vs A)"]: r for r in tables[next(k for k in tables if k.startswith("Paired: Table 2"))]}
+    # B from one folder, A from the other, patient by patient: +0.05 on every one of the 12 patients
+    step = paired2["`regnet_attr_bce_dice` vs `regnet_attr_bce`"]
+    assert (step["n"], step["Δ patient-3D Dice"], step["Verdict"]) == (str(N), "+5.00", REPRODUCED)
+    paired3 = tables[next(k for k in tables if k.startswith("Paired: Table 3"))]
+    assert paired3[0]["Δ patient-3D Dice"] == "+10.00" and paired3[0]["Verdict"] == REPRODUCED
+    assert "**Table 4: partly run," not in md and "**Table 4: not run**" in md
+    assert re.search(r"- Figure 7: not drawn \(no figure slices for `regnet_attr_bce`, `regnet_attr_bce_dice_outlier`", md)
+    assert "- Figure 8: not drawn (needs `unet_bce`, " in md
+    assert (tmp_path / "merged" / "plots" / "test_dice_by_variant.png").is_file()
+    assert "Not drawn: no ground-truth component table" in md
+
+
+def test_a_variant_in_two_folders_is_refused(table3_and_table2, tmp_path, capsys):
+    t3, _ = table3_and_table2
+    again = make_snapshot(tmp_path, ["regnet_bce"])
+    _one_line_exit_2(capsys, [str(t3), str(again), "--tables", str(tmp_path / "t.md")],
+                     f"variant regnet_bce is in both {t3} and {again}")
+    assert not (tmp_path / "t.md").exists()
+
+
+def _edit(path: str, value):
+    def apply(params: dict) -> dict:
+        params = copy.deepcopy(params)
+        *head, last = path.split(".")
+        node = params
+        for key in head:
+            node = node.setdefault(key, {})
+        node[last] = value
+        return params
+    return apply
+
+
+@pytest.mark.parametrize(("edit", "refused"), [
+    (_edit("common.image_size", 128), "common.image_size 256 vs 128"),
+    (_edit("train.epochs", 7), "train.epochs"),
+    (_edit("train.augment.extra", not PARAMS["train"]["augment"].get("extra", False)), "train.augment.extra"),
+    (_edit("train.lr_schedule", "cosine" if PARAMS["train"].get("lr_schedule") != "cosine" else "constant"),
+     "train.lr_schedule"),
+    (_edit("train.empty_slice_fraction", 0.5), "train.empty_slice_fraction"),
+    (_edit("manifest.split_seed", 7), "manifest.split_seed"),
+    (_edit("evaluate.tta", not PARAMS.get("evaluate", {}).get("tta", False)), "evaluate.tta"),
+    # what a variant sets itself may differ; so may how the run was executed, and loss settings that no
+    # term of one side's loss reads (Table 3's variants use no outlier term)
+    (_edit("variants.regnet_attr_bce_dice.train", {"epochs": 3}), None),
+    (_edit("train.cpu_threads", 1), None),
+    (_edit("common.device", "cuda"), None),
+    (_edit("loss.gamma", 0.5), None),
+])
+def test_recipes_must_agree_except_where_a_variant_sets_its_own(table3_and_table2, tmp_path, capsys, edit, refused):
+    t3, _ = table3_and_table2
+    other = make_snapshot(tmp_path, TABLE2, edit(PARAMS))
+    argv = [str(t3), str(other), "--tables", str(tmp_path / "t.md")]
+    if refused is None:
+        assert main(argv) == 0, capsys.readouterr().err
+    else:
+        assert refused in _one_line_exit_2(capsys, argv, "were trained with different recipes: ")
+
+
+def test_other_data_is_another_recipe(table3_and_table2, tmp_path, capsys):
+    t3, _ = table3_and_table2
+    other = make_snapshot(tmp_path, TABLE2, sha="ef" * 32)
+    _one_line_exit_2(capsys, [str(t3), str(other), "--tables", str(tmp_path / "t.md")],
+                     f"data.fingerprint '{SHA}' vs '{'ef' * 32}'")
+
+
+def test_recipe_leaves_out_the_variants_own_settings_and_execution():
+    r = recipe(PARAMS, "regnet_attr_bce_dice_outlier", _metrics("x"))
+    assert "loss.terms" not in r and "loss.outlier_mode" not in r and "tables" not in r  # its own settings
+    assert r["model.attributes"] is True  # the global setting it does not override
+    assert "train.epochs" in r and r["common.image_size"] == 256 and r["data.fingerprint"] == SHA
+    assert "model.attributes" not in recipe(PARAMS, "regnet_bce", _metrics("x"))  # sets it itself
+    assert "data.fingerprint" not in recipe(PARAMS, "regnet_bce", metrics_file())  # no provenance: unknown
+    assert not EXECUTION_KEYS & r.keys() and "loss.gamma" in r
+    assert "loss.gamma" not in recipe(PARAMS, "regnet_bce", _metrics("x"))  # BCE alone reads no gamma
+
+
+def test_several_folders_need_tables_and_a_missing_folder_is_one_line(table3_and_table2, tmp_path, capsys):
+    t3, t2 = table3_and_table2
+    _one_line_exit_2(capsys, [str(t3), str(t2)], "several folders: give --tables")
+    _one_line_exit_2(capsys, [str(tmp_path / "none")], "no such folder")
+
+
+def _figures(prob: float, k: int = 2, side: int = 32) -> dict[str, np.ndarray]:
+    truth = np.zeros((k, side, side), bool)
+    truth[:, 8:20, 8:20] = True
+    return {"ids": np.array([f"TCGA_P00_x_{i}" for i in range(k)]), "rows": np.arange(k),
+            "image": np.full((k, side, side, 3), 60, np.uint8), "truth": truth, "threshold": np.array(0.5),
+            "min_area": np.array(49), "selection": np.array("paper"),
+            "prob": np.where(truth, prob, 0.1).astype(np.float32), "prob_seed": np.array(23)}
+
+
+def test_a_reproduce_folder_and_a_snapshot_merge_and_figure_7_is_drawn(tmp_path):
+    """Figure 7's two variants from a reproduce folder (which keeps figure slices), Table 3's other side from
+    a snapshot: the paired comparison crosses the folders, the reproduce folder's components are used."""
+    mine = ["regnet_attr_bce", "regnet_attr_bce_dice_outlier"]
+    params = copy.deepcopy(PARAMS)
+    params["variants"] = {v: PARAMS["variants"][v] for v in mine}
+    out = tmp_path / "reproduce"
+    writer = FolderWriter(out, params, {"git_commit": "12" * 20, "data": {"source": "local"}})
+    store = tmp_path / "store"
+    store.mkdir()
+    pd.DataFrame({"row": [0, 1], "connectivity": [8, 8], "area": [3, 900], "height": [1, 30],
+                  "width": [3, 30]}).to_csv(store / "components.csv", index=False)
+    writer.add_components(store)
+    for v in mine:
+        writer.add_variant(v, _metrics(v), pd.DataFrame({"seed": [23], "dice": [0.5]}), _figures(0.9),
+                           [{"seed": 23, "history": [{"epoch": 1, "val/dice": 0.5}]}], _patients(v))
+    snap = make_snapshot(tmp_path / "s", ["regnet_bce", "regnet_attr_bce_dice", "regnet_attr_bce_dice_isolated"])
+    md = build_report_from_folders([out, snap], tmp_path / "m" / "tables.md").read_text()
+    assert "- Figure 7 (loss comparison, `regnet_attr_bce` vs `regnet_attr_bce_dice_outlier`)" in md
+    assert (tmp_path / "m" / "plots" / "figure7_loss_comparison.png").is_file()
+    assert f"From `{(out / 'components.csv').as_posix()}`" in md
+    assert (tmp_path / "m" / "plots" / "component_sizes.png").is_file()
+    tables = parse_tables(md)
+    rows = {r["Variant"].strip("`"): r for r in tables["Where the results come from"]}
+    assert rows["regnet_attr_bce"]["Kind"] == "reproduce" and rows["regnet_attr_bce"]["Project commit"] == "1212121212"
+    assert rows["regnet_bce"]["Kind"] == "snapshot"
+    assert "**Warning: these results come from different project commits" in md
+    (t3,) = tables[next(k for k in tables if k.startswith("Paired: Table 3"))]
+    assert (t3["Comparison (B vs A)"], t3["Δ patient-3D Dice"]) == ("`regnet_attr_bce` vs `regnet_bce`", "+10.00")
+
+
+COMMITTED = REPO / "results" / "cpu-tables-2026-12-03" / "table3"
+
+
+@pytest.mark.skipif(not (COMMITTED / "paired.md").is_file(), reason="the committed Table 3 snapshot is not here")
+def test_the_committed_table3_snapshot_gives_its_paired_md(tmp_path):
+    """``lggseg report`` on the real Table 3 snapshot repeats the numbers its paired.md was made with
+    (by lggseg.reporting.paired by hand): mean difference, interval and Wilcoxon p of both metrics."""
+    md = build_report_from_folders([COMMITTED], tmp_path / "tables.md", tmp_path / "plots").read_text()
+    (row,) = parse_tables(md)["Paired: Table 3 - attribute encoder ablation (DeepLabv3+ / regnetz_040, BCE)"]
+    names = {"dice_3d": "patient-3D Dice", "dice_slice_mean": "slice-mean Dice"}
+    seen = 0
+    for line in (COMMITTED / "paired.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] not in names:
+            continue
+        seen += 1
+        name = names[cells[0]]
+        lo, hi = (float(x) for x in cells[2].strip("[]").split(","))
+        assert row[f"Δ {name}"] == f"{100 * float(cells[1]):+.2f}"
+        assert row[f"Δ {name} 95% CI"] == f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        assert float(row[f"Δ {name} Wilcoxon p"]) == pytest.approx(float(cells[3]), abs=5e-3)
+        assert row["n"] == cells[4]
+    assert seen == 2
+
+
+def test_one_folder_with_tables_elsewhere_writes_nothing_into_it(table3_and_table2, tmp_path):
+    """A committed snapshot stays as it is: with --tables, the figures go beside the tables."""
+    t3, _ = table3_and_table2
+    before = sorted(p.relative_to(t3) for p in t3.rglob("*"))
+    assert main([str(t3), "--tables", str(tmp_path / "t3.md")]) == 0
+    assert sorted(p.relative_to(t3) for p in t3.rglob("*")) == before
+    assert (tmp_path / "plots" / "test_dice_by_variant.png").is_file()
