@@ -219,7 +219,7 @@ def test_build_report_writes_tables_figures_and_beyond(tmp_path):
     md = run_report(dirs, PARAMS)
     assert "DEMO" not in md
     tables = parse_tables(md)
-    beyond = section(tables, "Variants not in the paper")
+    beyond = section(tables, "Our variants and the paper variants they are compared with")
     assert {r["Variant"].split("`")[1] for r in beyond} == {"regnet_attr_bce_dice", "regnet_attr_bce_dice_isolated"}
     post = section(tables, "Post-processing")
     names = [r["Variant"].split("`")[1] for r in post]

@@ -266,7 +266,7 @@ def postprocess_comparison(results: Sequence[Result]) -> list[Result]:
 
 def beyond_markdown(results: Sequence[Result], absent: Sequence[Result] = ()) -> list[str]:
     """The beyond-the-paper tables; ``absent``: variants of the params without results (rows "not run")."""
-    lines = ["## Beyond the paper", "", "### Variants not in the paper", ""]
+    lines = ["## Beyond the paper", "", "### Our variants and the paper variants they are compared with", ""]
     beyond = [r for r in results if "beyond" in r.run.tables]
     header = ("Variant", *OURS_HEADER, "IoU slice-mean", *TAIL_HEADER)
     rows = [[f"{r.label} (`{r.name}`)", *_ours_cells(r.metrics, None), _value(r.metrics, "iou_slice_mean"),
