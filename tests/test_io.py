@@ -27,6 +27,7 @@ from lggseg.io import (
     OutputError,
     atomic_dir,
     atomic_path,
+    project_commit,
     write_bytes,
     write_csv,
     write_json,
@@ -236,3 +237,23 @@ def test_predict_killed_mid_run_leaves_previous_output(raw, attr_model, tmp_path
     # a killed process cannot clean up: only a hidden temporary folder may remain, never a complete-looking DIR
     strays = [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
     assert all(p.name.endswith(".tmp") and not (p / "summary.csv").exists() for p in strays)
+
+
+A, B = "a" * 40, "b" * 40
+
+
+@pytest.mark.parametrize(("provenance", "expected"), [
+    ({"git_commit": A, "project": {"commit": B, "uncommitted_changes": False, "workspace": True}},
+     ("bbbbbbbbbb", "commit")),
+    ({"git_commit": A, "project": {"commit": B, "uncommitted_changes": True, "workspace": True}},
+     ("bbbbbbbbbb+uncommitted", "commit")),
+    ({"git_commit": A, "project": {"commit": None, "uncommitted_changes": None, "workspace": True}},
+     ("aaaaaaaaaa", "workspace commit")),  # origin unknown: the workspace's own commit, named as such
+    ({"git_commit": A, "project": {"commit": A, "uncommitted_changes": None, "workspace": False}},
+     ("aaaaaaaaaa", "commit")),  # not in a workspace: HEAD is the project
+    ({"git_commit": A}, ("aaaaaaaaaa", "commit")),  # written before the project block existed
+    ({"git_commit": None}, (None, "commit")),
+    ({}, (None, "commit")),
+])
+def test_project_commit_names_the_code_that_ran(provenance, expected):
+    assert project_commit(provenance) == expected

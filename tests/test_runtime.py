@@ -267,3 +267,30 @@ def test_git_commit_of_a_repository(tmp_path):
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{40}", head) and H.git_commit(tmp_path) == head
+
+
+@pytest.mark.parametrize(("record", "expected"), [
+    ({"commit": "ab" * 20, "uncommitted_changes": False}, {"commit": "ab" * 20, "uncommitted_changes": False}),
+    ({"commit": "ab" * 20, "uncommitted_changes": True}, {"commit": "ab" * 20, "uncommitted_changes": True}),
+    ({"commit": "not a commit", "uncommitted_changes": "yes"}, {"commit": None, "uncommitted_changes": None}),
+    ({"commit": None, "uncommitted_changes": None}, {"commit": None, "uncommitted_changes": None}),
+])
+def test_project_origin_in_a_workspace_is_its_origin_file(tmp_path, monkeypatch, record, expected):
+    """In a workspace (a git repository of its own) the project commit comes from the origin file that
+    lggseg.workspace wrote, never from the workspace's own HEAD."""
+    import json
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / H.ORIGIN_FILE).write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    assert H.project_origin() == {**expected, "workspace": True}
+    assert H.project_origin(tmp_path) == {**expected, "workspace": True}
+
+
+def test_project_origin_outside_a_workspace_is_the_git_commit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(H, "git_commit", lambda cwd=None: "cd" * 20)
+    assert H.project_origin() == {"commit": "cd" * 20, "uncommitted_changes": None, "workspace": False}
+    (tmp_path / H.ORIGIN_FILE).write_text("{not json")  # a workspace whose origin is unknown, not the git HEAD
+    assert H.project_origin() == {"commit": None, "uncommitted_changes": None, "workspace": True}

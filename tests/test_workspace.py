@@ -3,6 +3,7 @@ its own that never receives the real pipeline's committed results."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 import yaml
 
 from lggseg.config import ConfigError, read_params
-from lggseg.workspace import main, parse_sets, prepare_demo_workspace
+from lggseg.io import ORIGIN_FILE
+from lggseg.workspace import main, origin_record, parse_sets, prepare_demo_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,11 @@ def test_prepare_merges_the_profile_and_leaves_real_results_out(tmp_path):
     assert (ws / "src" / "lggseg" / "workspace.py").is_file()
     assert not (ws / "dvc.lock").exists() and not (ws / "metrics").exists() and not (ws / "plots").exists()
     assert (ws / ".git").is_dir() and (ws / ".dvc").is_dir()
+    # the project's commit, which the workspace's own git history does not name
+    origin = json.loads((ws / ORIGIN_FILE).read_text())
+    project_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert origin["commit"] == project_head and origin["commit"] != _head(ws).strip()
+    assert isinstance(origin["uncommitted_changes"], bool)
     # a second preparation with nothing changed makes no new commit
     head = _head(ws)
     prepare_demo_workspace(REPO, ws, REPO / "params.demo.yaml")
@@ -119,3 +126,18 @@ def test_demo_table_lines_are_marked_synthetic_and_show_every_variant(tmp_path):
     assert lines[2].split() == ["regnet", "?", "-", "0.700", "0.000", "0.000", "0.000"]  # no provenance: "?"/"-"
     assert lines[3].split() == ["unet", "2", "0.812", "0.900", "0.410", "-", "0.050"]
     assert len(lines) == 4
+
+
+def test_the_origin_says_whether_mirrored_files_differed_from_the_commit(tmp_path):
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "src.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    assert origin_record(tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "new.json").write_text("{}")  # results are not mirrored: still clean
+    assert origin_record(tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "src.py").write_text("a = 2\n")
+    origin = origin_record(tmp_path)
+    assert origin["uncommitted_changes"] is True and len(origin["commit"]) == 40

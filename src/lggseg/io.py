@@ -3,6 +3,10 @@
 Every writer builds its output next to the destination (same filesystem) and renames it into
 place with ``os.replace``, which is atomic on POSIX. Errors such as a full disk or an unwritable
 directory surface as :class:`OutputError` naming the path.
+
+It also names the file a workspace records its project commit in (:data:`ORIGIN_FILE`) and reads a
+result's provenance for that commit (:func:`project_commit`): every layer, from the model card to the
+tables, names the same commit the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,27 @@ import yaml
 from lggseg.errors import (
     OutputError as OutputError,  # re-exported; it lives in lggseg.errors (the one error root)
 )
+
+ORIGIN_FILE = "workspace-origin.json"
+"""Written into a workspace (``make demo``, ``make laptop``, ``make cpu-tables``) by :mod:`lggseg.workspace`
+and read by :func:`lggseg.runtime.project_origin`: the project commit the workspace's files were mirrored
+from. A workspace is a git repository of its own, so its ``git rev-parse HEAD`` names a throwaway commit."""
+
+
+def project_commit(provenance: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The commit a metrics file's code came from and how to name it: ``provenance.project`` (written
+    by evaluation, or stamped by a snapshot) gives the project's commit (``+uncommitted`` when the
+    workspace's files differed from it); without that block, ``git_commit`` is where the run was made,
+    which in a workspace is the workspace's own commit (so a workspace run says so)."""
+    project = provenance.get("project")
+    if isinstance(project, Mapping) and project.get("commit"):
+        dirty = "+uncommitted" if project.get("uncommitted_changes") else ""
+        return str(project["commit"])[:10] + dirty, "commit"
+    commit = provenance.get("git_commit")
+    if not commit:
+        return None, "commit"
+    in_workspace = isinstance(project, Mapping) and project.get("workspace")
+    return str(commit)[:10], "workspace commit" if in_workspace else "commit"
 
 
 def _umask() -> int:

@@ -14,11 +14,13 @@ evaluation, prediction and the benchmark. The paper trained on an NVIDIA GPU (se
 GPU that torch cannot use (a CPU-only torch build, a driver older than the build's CUDA) would
 otherwise turn a run into a silent, many times slower CPU run, so ``auto`` says why it falls
 back and ``cuda`` refuses. :func:`machine_facts`, :func:`software_versions` and
-:func:`git_commit` are what results record about where they were made (their ``provenance``).
+:func:`git_commit` and :func:`project_origin` are what results record about where they were made (their
+``provenance``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lggseg.errors import ConfigError
+from lggseg.io import ORIGIN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +249,27 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except OSError:
         return None
     return bundled if _COMMIT.fullmatch(bundled) else None
+
+
+def project_origin(cwd: str | Path | None = None) -> dict[str, Any]:
+    """The project commit a run's code came from: ``{"commit": sha or None, "uncommitted_changes": bool or
+    None, "workspace": bool}``.
+
+    In a workspace (a folder holding :data:`ORIGIN_FILE`, the stages' working directory) it is the commit
+    of the project the workspace was made from, and whether the mirrored files had uncommitted changes
+    then; elsewhere it is :func:`git_commit` with ``uncommitted_changes`` unknown (None). Never raises.
+    """
+    path = (Path.cwd() if cwd is None else Path(cwd)) / ORIGIN_FILE
+    if not path.is_file():
+        return {"commit": git_commit(cwd), "uncommitted_changes": None, "workspace": False}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    record = record if isinstance(record, dict) else {}  # unreadable: a workspace whose origin is unknown
+    commit, dirty = record.get("commit"), record.get("uncommitted_changes")
+    return {"commit": commit if isinstance(commit, str) and _COMMIT.fullmatch(commit) else None,
+            "uncommitted_changes": dirty if isinstance(dirty, bool) else None, "workspace": True}
 
 
 def machine_record() -> dict[str, Any]:

@@ -35,7 +35,7 @@ import yaml
 from lggseg.config import ConfigError, deep_merge, read_params, validate_all
 from lggseg.errors import LggsegError
 from lggseg.evaluation.metrics import HEADLINE_KEYS
-from lggseg.io import write_json, write_text
+from lggseg.io import ORIGIN_FILE, write_json, write_text
 
 # Results of the real pipeline: never mirrored into the demo, which makes its own.
 _NOT_MIRRORED = ("dvc.lock", "metrics/", "plots/", "params.yaml", "demo/", "results/")
@@ -49,6 +49,18 @@ def _project_files(repo: Path) -> list[str]:
     ).stdout.decode()
     files = [f for f in out.split("\0") if f and (repo / f).is_file()]
     return [f for f in files if not f.startswith(_NOT_MIRRORED)]
+
+
+def origin_record(repo: Path) -> dict[str, Any]:
+    """What :func:`lggseg.runtime.project_origin` reads back in the workspace: the project's commit and
+    whether any mirrored file differed from it (results, which are not mirrored, do not count)."""
+    from lggseg.runtime import git_commit  # torch comes with runtime; parse_sets and the tests need none
+
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                            capture_output=True, text=True)
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.stdout.splitlines() if len(line) > 3]
+    dirty = any(not p.startswith(_NOT_MIRRORED) for p in paths) if status.returncode == 0 else None
+    return {"commit": git_commit(repo), "uncommitted_changes": dirty, "project": str(repo)}
 
 
 def _git(ws: Path, *args: str) -> subprocess.CompletedProcess:
@@ -91,6 +103,7 @@ def prepare_demo_workspace(repo: Path, dest: Path, overrides: Path, sets: Sequen
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+    write_json(dest / ORIGIN_FILE, origin_record(repo))
     header = f"# Workspace: params.yaml of the project with {Path(overrides).name} merged over it.\n"
     write_text(dest / "params.yaml", header + yaml.safe_dump(params, sort_keys=False))
     if not (dest / ".git").exists():

@@ -167,6 +167,7 @@ def test_provenance_block_by_hand():
                           "wall_seconds", "best_epoch_gamma", "selection_rule", "gamma_max", "gamma_reached_full"}
     assert prov["evaluation"]["device"] == "cpu" and prov["evaluation"]["software"]["torch"] == torch.__version__
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    assert prov["project"] == {"commit": prov["git_commit"], "uncommitted_changes": None, "workspace": False}
     json.dumps(res.metrics, allow_nan=False)
 
 

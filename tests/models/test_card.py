@@ -74,6 +74,16 @@ def test_a_seed_of_several_gets_its_own_numbers():
     assert "| 0.5000 [0.7500, 0.8600] |" in text and "numbers of seed 23" in text
 
 
+@pytest.mark.parametrize(("project", "line"), [
+    ({"commit": "12" * 20, "uncommitted_changes": False, "workspace": True}, "Evaluated on cpu, commit 1212121212."),
+    (None, "Evaluated on cpu, commit abc123."),  # metrics written before workspaces recorded their origin
+    ({"commit": None, "uncommitted_changes": None, "workspace": True}, "Evaluated on cpu, workspace commit abc123."),
+])
+def test_the_card_names_the_project_commit(project, line):
+    prov = {**METRICS["provenance"], **({"project": project} if project else {})}
+    assert line in card_text(META, {**METRICS, "provenance": prov}).splitlines()
+
+
 def test_old_metadata_still_makes_a_card():
     text = card_text({"model_config": {"arch": "deeplabv3plus"}, "n_attributes": 0, "image_size": 256})
     assert "n/a" in text and "research use" in text

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from test_report import PARAMS, metrics_file, parse_tables
 
+from lggseg.errors import DataError
 from lggseg.reporting.folder import FolderWriter, read_folder
 from lggseg.reporting.merge import EXECUTION_KEYS, build_report_from_folders, main, recipe
 from lggseg.reporting.paired import REPRODUCED
-from lggseg.reporting.snapshot import write_snapshot
+from lggseg.reporting.snapshot import stamp_project, write_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 N = 12  # test patients
@@ -254,3 +255,28 @@ def test_one_folder_with_tables_elsewhere_writes_nothing_into_it(table3_and_tabl
     assert main([str(t3), "--tables", str(tmp_path / "t3.md")]) == 0
     assert sorted(p.relative_to(t3) for p in t3.rglob("*")) == before
     assert (tmp_path / "plots" / "test_dice_by_variant.png").is_file()
+
+
+def test_a_snapshot_names_the_project_commit_in_every_metrics_file(table3_and_table2):
+    """Workspace results name the workspace's own commit; the snapshot adds the project's (nothing else
+    changes), so the tables' provenance lines name the code that ran."""
+    t3, _ = table3_and_table2
+    project = json.loads((t3 / "snapshot.json").read_text())["project_commit"]
+    for v in TABLE3:
+        stamped = json.loads((t3 / "metrics" / f"{v}.json").read_text())
+        assert stamped["provenance"]["project"]["commit"] == project and project != "ab" * 20
+        assert stamped["provenance"]["git_commit"] == "ab" * 20  # the workspace's, kept
+        stamped["provenance"].pop("project")
+        assert stamped == json.loads(json.dumps(_metrics(v)))
+    assert stamp_project(t3) == []  # a second stamp changes nothing
+    md = build_report_from_folders([t3], t3.parent / "t.md", t3.parent / "plots").read_text()
+    assert f"commit {project[:10]}" in md and "ababababab" not in md
+
+
+def test_stamping_needs_the_snapshot_record(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    with pytest.raises(DataError, match="snapshot.json"):
+        stamp_project(tmp_path)
+    (tmp_path / "snapshot.json").write_text(json.dumps({"variants": []}))
+    with pytest.raises(DataError, match="no project_commit"):
+        stamp_project(tmp_path)

@@ -44,7 +44,7 @@ from lggseg.evaluation.postprocess import enabled as postprocess_enabled
 from lggseg.evaluation.postprocess import postprocess_case
 from lggseg.inference import attribute_order, find_model_dirs, predict_probabilities, uses_attributes
 from lggseg.io import atomic_dir, atomic_path, write_csv, write_json
-from lggseg.runtime import git_commit, resolve_device, software_versions
+from lggseg.runtime import git_commit, project_origin, resolve_device, software_versions
 
 if TYPE_CHECKING:
     from lggseg.data.store import Store
@@ -364,7 +364,8 @@ def provenance(models: Mapping[int, tuple[torch.nn.Module, Mapping[str, Any]]], 
                   "bootstrap": cfg.bootstrap_seed},
         "training": training,
         "evaluation": {"device": device.type, "software": software_versions()},
-        "git_commit": git_commit(),
+        "git_commit": git_commit(),  # in a workspace: the workspace's own commit
+        "project": project_origin(),  # the project commit the code came from (= git_commit outside a workspace)
     }
 
 

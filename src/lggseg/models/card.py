@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lggseg.io import write_text
+from lggseg.io import project_commit, write_text
 
 CARD_FILE = "MODEL_CARD.md"
 _SUMMARY_MARK = "> "
@@ -236,7 +236,8 @@ def _metric_lines(metrics: Mapping[str, Any] | None, seed: Any) -> list[str]:
     if len(seeds) > 1:
         out.append(f"These are the numbers of seed {seed}; the variant's {len(seeds)} seeds are summarised in its metrics file.")
     if ev:
-        out.append(f"Evaluated on {ev.get('device', 'n/a')}, git commit {prov.get('git_commit') or 'n/a'}.")
+        commit, where = project_commit(prov)
+        out.append(f"Evaluated on {ev.get('device', 'n/a')}, {where} {commit or 'n/a'}.")
     return out
 
 

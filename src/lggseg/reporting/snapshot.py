@@ -5,7 +5,8 @@ folders; a number quoted in the README must live in a committed file instead. :f
 copies from a workspace, for each variant, the metrics JSON, the per-slice and per-patient rows and
 the training record (``result.json``: per-epoch history, epochs done, why training stopped), plus the
 workspace's merged ``params.yaml`` and ``dvc.lock``, the wall time of the run when recorded, the
-exact command, the project's git commit and the machine (:func:`lggseg.runtime.machine_record`).
+exact command, the project's git commit and the machine (:func:`lggseg.runtime.machine_record`); a
+metrics file that names only its workspace's commit gets the project's (:func:`stamp_project`).
 Nothing large is copied: no model weights, no data (and no figure slices or component table, so a report
 of snapshots has no Figures 7-8 and no component-size figure). :func:`read_snapshot` reads a snapshot
 back in the shape of :func:`lggseg.reporting.folder.read_folder`, so ``lggseg report`` takes snapshots and
@@ -75,9 +76,35 @@ def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | P
         "machine": machine_record(),
     }
     write_json(dest / RECORD, record)
+    stamp_project(dest)
     if note:
         write_text(dest / "NOTE.md", note if note.endswith("\n") else note + "\n")
     return dest
+
+
+def stamp_project(folder: str | Path) -> list[str]:
+    """Give each metrics file of the snapshot ``folder`` the project commit of its ``snapshot.json`` as
+    ``provenance.project`` when the file has none (results evaluated before workspaces recorded their
+    origin name only the workspace's own commit); nothing else in the file changes. Returns the
+    variants stamped."""
+    folder = Path(folder)
+    if not (folder / RECORD).is_file():
+        raise DataError(f"{folder / RECORD}: not found; is {folder} a snapshot?")
+    record = _read(folder / RECORD, "json")
+    commit = record.get("project_commit") if isinstance(record, Mapping) else None
+    if not commit:
+        raise DataError(f"{folder / RECORD}: no project_commit to stamp")
+    stamped = []
+    for path in sorted((folder / "metrics").glob("*.json")):
+        metrics = _read(path, "json")
+        prov = metrics.get("provenance") if isinstance(metrics, Mapping) else None
+        if not isinstance(prov, dict) or (prov.get("project") or {}).get("commit"):
+            continue
+        prov["project"] = {"commit": commit, "uncommitted_changes": None, "workspace": True,
+                           "from": f"{RECORD} (the repository the snapshot was taken from)"}
+        write_json(path, metrics)
+        stamped.append(path.stem)
+    return stamped
 
 
 def is_snapshot(folder: Path) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lggseg.config import is_number
+from lggseg.io import project_commit
 from lggseg.reporting.paper import PAPER_TABLES, TABLE_NOTES, TABLE_TITLES, PaperRow
 from lggseg.reporting.results import Result
 
@@ -140,7 +141,7 @@ def _training_fields(p: Mapping[str, Any]) -> dict[str, str]:
                          (("torch", "torch"), ("timm", "timm"), ("segmentation_models_pytorch", "smp"))
                          if software.get(key))
     seeds = (p.get("seeds") or {}).get("train") or []
-    commit = p.get("git_commit")
+    commit, where = project_commit(p)
     return {
         "data": _data_identity(p),
         "size": _image_size(p),
@@ -149,7 +150,7 @@ def _training_fields(p: Mapping[str, Any]) -> dict[str, str]:
         "init": _joined([init(t) for t in runs]),
         "seeds": ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds),
         "software": versions or "versions not recorded",
-        "commit": f"commit {commit[:10]}" if commit else "no git commit",
+        "commit": f"{where} {commit}" if commit else "no git commit",
     }
 
 
