@@ -166,6 +166,14 @@ def test_model_weights_are_safetensors(attr_model):
     load_file(str(attr_model / "model.safetensors"))  # a safetensors file, not a pickle
 
 
+def test_the_same_weights_give_the_same_file_bytes(tmp_path):
+    """A bit-identical model must be a byte-identical file, or DVC hashes a retrained but identical model
+    as changed (seen: a clean-clone reproduction of unet_bce, issue 21, whose files differed only in the
+    header's metadata key order)."""
+    files = [save_tiny_model(tmp_path / f"m{i}", [], attributes=False) / WEIGHTS_FILE for i in range(6)]
+    assert len({f.read_bytes() for f in files}) == 1
+
+
 def test_load_model_never_unpickles(attr_model, tmp_path):
     model = Path(shutil.copytree(attr_model, tmp_path / "m"))
     torch.save({"x": _Boom(str(tmp_path / "PWNED"))}, model / "model.safetensors")

@@ -88,7 +88,10 @@ def save_model(model: nn.Module, out_dir: str | Path, meta: Mapping[str, Any]) -
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     try:
         with atomic_path(out_dir / WEIGHTS_FILE, suffix=".safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt", "lggseg": FORMAT})
+            # One metadata key: safetensors writes the metadata map in a random key order (its issue
+            # #584), so two keys made the bytes of identical weights differ and DVC saw a new model.
+            # The format lives in model.json.
+            save_file(state, str(tmp), metadata={"format": "pt"})
         write_json(out_dir / META_FILE, record)
         # Without test metrics yet: the evaluate stage writes the card again once they exist.
         write_card(out_dir, record)
