@@ -53,14 +53,13 @@ def _project_files(repo: Path) -> list[str]:
 
 def origin_record(repo: Path) -> dict[str, Any]:
     """What :func:`lggseg.runtime.project_origin` reads back in the workspace: the project's commit and
-    whether any mirrored file differed from it (results, which are not mirrored, do not count)."""
-    from lggseg.runtime import git_commit  # torch comes with runtime; parse_sets and the tests need none
-
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
-                            capture_output=True, text=True)
-    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.stdout.splitlines() if len(line) > 3]
-    dirty = any(not p.startswith(_NOT_MIRRORED) for p in paths) if status.returncode == 0 else None
-    return {"commit": git_commit(repo), "uncommitted_changes": dirty, "project": str(repo)}
+    whether any mirrored file differed from it (results, which are not mirrored, do not count). The
+    project is a git repository with a commit (the mirror lists its files with git)."""
+    # plain git, not lggseg.runtime.git_commit: that module brings torch, ~2 s for one command here
+    status = _git(repo, "status", "--porcelain", "--untracked-files=all").stdout.decode()
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if len(line) > 3]
+    return {"commit": _git(repo, "rev-parse", "HEAD").stdout.decode().strip(),
+            "uncommitted_changes": any(not p.startswith(_NOT_MIRRORED) for p in paths), "project": str(repo)}
 
 
 def _git(ws: Path, *args: str) -> subprocess.CompletedProcess:
