@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ import pytest
 import yaml
 from test_report import PARAMS, metrics_file, parse_tables
 
+from lggseg.data.store import load_store
 from lggseg.errors import DataError
 from lggseg.reporting.folder import FolderWriter, read_folder
 from lggseg.reporting.merge import EXECUTION_KEYS, build_report_from_folders, main, recipe
 from lggseg.reporting.paired import REPRODUCED
-from lggseg.reporting.snapshot import stamp_project, write_snapshot
+from lggseg.reporting.snapshot import add_side_files, stamp_project, write_snapshot
+from lggseg.reporting.snapshot import main as snapshot_main
 
 REPO = Path(__file__).resolve().parents[2]
 N = 12  # test patients
@@ -46,8 +49,29 @@ def _patients(name: str) -> pd.DataFrame:
                          "dice_slice_mean": np.r_[d3, d3] + 0.1, "dice_3d": np.r_[d3, d3]})
 
 
-def make_snapshot(root: Path, variants: list[str], params: dict | None = None, sha: str = SHA) -> Path:
-    """A DVC-style workspace with ``variants`` evaluated, copied out by :func:`write_snapshot`."""
+def eval_figures(ws: Path, variants: list[str], store_dir: Path) -> None:
+    """What the evaluate stage and the manifest stage leave in workspace ``ws`` for the figures: per variant
+    ``figure_slices.npz`` of two test slices of ``store_dir``, and the store's ``components.csv`` and
+    ``store.json``."""
+    store = load_store(store_dir)
+    rows = store.indices("test")[:2]
+    truth = np.stack([np.asarray(store.masks[r]) > 0 for r in rows])
+    for v in variants:
+        (ws / "data" / "eval" / v).mkdir(parents=True, exist_ok=True)
+        np.savez(ws / "data" / "eval" / v / "figure_slices.npz",
+                 ids=np.array([f"{store.table.at[r, 'case_id']}_{int(store.table.at[r, 'slice_index'])}" for r in rows]),
+                 rows=rows, image=np.stack([np.asarray(store.images[r]) for r in rows]), truth=truth,
+                 prob=np.where(truth, 0.9, 0.05).astype(np.float16), threshold=np.float32(0.5),
+                 prob_seed=np.int64(23), min_area=np.int64(49), selection=np.array("quantile"))
+    (ws / "data" / "manifest").mkdir(parents=True, exist_ok=True)
+    for name in ("components.csv", "store.json"):
+        shutil.copyfile(store_dir / name, ws / "data" / "manifest" / name)
+
+
+def make_snapshot(root: Path, variants: list[str], params: dict | None = None, sha: str = SHA,
+                  store_dir: Path | None = None) -> Path:
+    """A DVC-style workspace with ``variants`` evaluated, copied out by :func:`write_snapshot`; with
+    ``store_dir``, their figure slices and the component table of that store too."""
     ws = root / "ws"
     (ws / "metrics").mkdir(parents=True)
     (ws / "params.yaml").write_text(yaml.safe_dump(params or PARAMS))
@@ -61,6 +85,8 @@ def make_snapshot(root: Path, variants: list[str], params: dict | None = None, s
         (ws / "models" / v / "seed_23").mkdir(parents=True)
         history = [{"epoch": e, "val/dice": 0.5 + 0.1 * e} for e in (1, 2)]
         (ws / "models" / v / "seed_23" / "result.json").write_text(json.dumps({"seed": 23, "history": history}))
+    if store_dir is not None:
+        eval_figures(ws, variants, store_dir)
     return write_snapshot(ws, variants, root / "snap", command="make cpu-tables", repo=REPO)
 
 
@@ -280,3 +306,73 @@ def test_stamping_needs_the_snapshot_record(tmp_path):
     (tmp_path / "snapshot.json").write_text(json.dumps({"variants": []}))
     with pytest.raises(DataError, match="no project_commit"):
         stamp_project(tmp_path)
+
+
+# --------------------------------------------------------------------------- figures of snapshots
+
+
+FIG7 = ["regnet_attr_bce", "regnet_attr_bce_dice_outlier"]
+
+
+def _fingerprint(store_dir: Path) -> str:
+    return json.loads((store_dir / "store.json").read_text())["fingerprint"]["sha256"]
+
+
+def test_a_snapshot_keeps_the_figure_predictions_and_components_but_no_data(store_dir, tmp_path):
+    snap = make_snapshot(tmp_path, FIG7, sha=_fingerprint(store_dir), store_dir=store_dir)
+    for v in FIG7:
+        assert sorted(p.name for p in (snap / "rows" / v).iterdir()) == \
+            ["figure_mask.png", "figure_probability.png", "figure_slices.json", "patients.csv", "slices.csv"]
+    assert (snap / "components.csv").read_bytes() == (store_dir / "components.csv").read_bytes()
+    files = [p for p in snap.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".npz", ".npy", ".tif"}]
+    assert max(p.stat().st_size for p in files) < 100_000
+
+
+def test_snapshot_figures_are_drawn_from_a_manifest_of_the_same_data(store_dir, tmp_path, capsys):
+    sha = _fingerprint(store_dir)
+    snap = make_snapshot(tmp_path / "a", FIG7, sha=sha, store_dir=store_dir)
+    md = build_report_from_folders([snap], tmp_path / "no" / "tables.md").read_text()
+    assert ("- Figure 7: not drawn (the snapshots keep the predictions of `regnet_attr_bce`, "
+            "`regnet_attr_bce_dice_outlier` but not the data: give --manifest DIR") in md
+    assert f"From `{(snap / 'components.csv').as_posix()}`" in md  # the dataset section needs no images
+
+    assert main([str(snap), "--tables", str(tmp_path / "yes" / "tables.md"), "--manifest", str(store_dir)]) == 0
+    md = (tmp_path / "yes" / "tables.md").read_text()
+    assert "- Figure 7 (loss comparison, `regnet_attr_bce` vs `regnet_attr_bce_dice_outlier`)" in md
+    assert (tmp_path / "yes" / "plots" / "figure7_loss_comparison.png").stat().st_size > 10_000
+
+    other = tmp_path / "other-store"
+    shutil.copytree(store_dir, other)
+    meta = json.loads((other / "store.json").read_text())
+    meta["fingerprint"]["sha256"] = "0" * 64
+    (other / "store.json").write_text(json.dumps(meta))
+    _one_line_exit_2(capsys, [str(snap), "--tables", str(tmp_path / "t.md"), "--manifest", str(other)],
+                     "is of other data (fingerprint 000000000000)")
+    _one_line_exit_2(capsys, [str(snap), "--tables", str(tmp_path / "t.md"), "--manifest", str(tmp_path / "none")],
+                     "store.json: not found")
+
+
+def test_side_files_reach_an_older_snapshot_only_from_the_same_evaluation(store_dir, tmp_path, capsys):
+    snap = make_snapshot(tmp_path, FIG7, sha=_fingerprint(store_dir))  # taken before figures were kept
+    ws = tmp_path / "ws"
+    assert not (snap / "components.csv").exists() and not (snap / "rows" / FIG7[0] / "figure_slices.json").exists()
+    with pytest.raises(DataError, match="no figure slices"):
+        add_side_files(ws, snap, repo=REPO)
+    eval_figures(ws, FIG7, store_dir)
+    slices = ws / "data" / "eval" / FIG7[1] / "slices.csv"
+    kept = slices.read_bytes()
+    slices.write_bytes(kept.replace(b"0.5", b"0.6"))  # evaluated again since the snapshot
+    with pytest.raises(DataError, match="not the evaluation the snapshot"):
+        add_side_files(ws, snap, repo=REPO)
+    assert not (snap / "components.csv").exists()
+    slices.write_bytes(kept)
+    assert snapshot_main(["--workspace", str(ws), "--dest", str(snap), "--add-side-files", "--repo", str(REPO)]) == 0
+    record = json.loads((snap / "snapshot.json").read_text())
+    assert record["side_files"]["files"] == [f"rows/{v}/{f}" for v in FIG7 for f in
+                                             ("figure_probability.png", "figure_mask.png", "figure_slices.json")] + \
+        ["components.csv"]
+    assert record["variants"] == FIG7 and record["command"] == "make cpu-tables"
+    assert snapshot_main(["--workspace", str(ws), "--dest", str(snap), "--add-side-files", "--variant", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lggseg snapshot: --add-side-files takes") and err.count("\n") == 1

@@ -16,7 +16,10 @@ command puts them back together, and refuses (one line, exit status 2, :class:`M
 
 The merged ``tables.md`` says which folder (and project commit) each variant came from; a paper row whose
 variant is in none of the folders reads "not run"; Figures 7 and 8 are drawn only when every variant they
-need has results and figure slices (snapshots keep none), else one line says what they need.
+need has results and figure slices, else one line says what they need. A reproduce folder keeps whole
+figure slices; a snapshot keeps only the model's half (:mod:`lggseg.reporting.figure_predictions`), so its
+figures need ``--manifest DIR``: a manifest folder (``data/manifest`` of a workspace) built from the same
+data, whose images and ground truth are looked up by slice id (a different data fingerprint is refused).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from typing import Any
 import pandas as pd
 
 from lggseg.config import load_section, resolve_variant, unused_loss_fields
+from lggseg.data.store import Store, load_store
 from lggseg.errors import DataError, LggsegError
+from lggseg.reporting.figure_predictions import (
+    check_same_data,
+    figure_slices_from_store,
+    has_figure_predictions,
+    read_figure_predictions,
+)
 from lggseg.reporting.folder import load_folder_figures, read_folder
 from lggseg.reporting.paired import check_patients
 from lggseg.reporting.report import (
@@ -75,6 +85,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+def _data_sha(metrics: Mapping[str, Any]) -> str | None:
+    fingerprint = (((metrics.get("provenance") or {}).get("data") or {}).get("fingerprint") or {})
+    return fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
+
+
 def recipe(params: Mapping[str, Any], variant: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The settings ``variant`` trained and was evaluated with, except those it sets itself
     (``variants.<variant>``), the loss settings no term of its loss reads and :data:`EXECUTION_KEYS`; plus
@@ -83,8 +98,7 @@ def recipe(params: Mapping[str, Any], variant: str, metrics: Mapping[str, Any]) 
     flat = _flatten(run.to_dict())
     for section in RECIPE_SECTIONS:
         flat.update(_flatten({section: dataclasses.asdict(load_section(section, params))}))
-    fingerprint = (((metrics.get("provenance") or {}).get("data") or {}).get("fingerprint") or {})
-    sha = fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
+    sha = _data_sha(metrics)
     if sha:  # not recorded (metrics older than provenance) is unknown, not different; tables.md flags it
         flat["data.fingerprint"] = sha
     own = set(_flatten((params.get("variants") or {}).get(variant) or {}))
@@ -227,13 +241,26 @@ def origin_lines(results: Sequence[Result], origin: Mapping[str, Source]) -> lis
     return lines
 
 
-def _figures(sources: Sequence[Source], results: Sequence[Result], absent: Sequence[Result]
+def _figures(sources: Sequence[Source], results: Sequence[Result], absent: Sequence[Result], store: Store | None
              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], Path]:
-    """The figure slices of the folders that keep them, Figures 7-8's variants or why they are not drawn."""
+    """The figure slices of the folders (a snapshot's completed from ``store``), Figures 7-8's variants or
+    why they are not drawn."""
     slices: dict[str, Any] = {}
+    need_manifest: set[str] = set()
     where = None
     for src in sources:
-        if src.files.get("figures") is not None:
+        if src.layout == "snapshot":
+            for v in src.metrics:
+                folder = src.folder / "rows" / v
+                if not has_figure_predictions(folder):
+                    continue
+                if store is None:
+                    need_manifest.add(v)
+                    continue
+                check_same_data(store, _data_sha(src.metrics[v]), src.folder / "metrics" / f"{v}.json")
+                slices[v] = figure_slices_from_store(read_figure_predictions(folder), store, folder)
+                where = where or folder
+        elif src.files.get("figures") is not None:
             slices.update(load_folder_figures(src.files["figures"], list(src.metrics)))
             where = where or src.files["figures"]
     figs: dict[str, Any] = {}
@@ -242,21 +269,29 @@ def _figures(sources: Sequence[Source], results: Sequence[Result], absent: Seque
         figs[key], missing[key] = pick(results, absent)
         if figs[key] is not None and (lacking := [r.name for r in figs[key] if r.name not in slices]):
             figs[key] = None
-            missing[key] = (f"no figure slices for {', '.join(f'`{n}`' for n in lacking)} (a `lggseg reproduce` folder "
-                            "keeps them, a snapshot does not)")
+            named = ", ".join(f"`{n}`" for n in lacking)
+            if set(lacking) <= need_manifest:
+                missing[key] = (f"the snapshots keep the predictions of {named} but not the data: give --manifest DIR, "
+                                "a manifest folder built from the same data, to draw it")
+            else:
+                missing[key] = (f"no figure slices for {named} (a `lggseg reproduce` folder keeps them; a snapshot "
+                                "keeps figure predictions since `python -m lggseg.reporting.snapshot "
+                                "--add-side-files` existed)")
     return slices, figs, missing, where or sources[0].folder / "figure_slices.npz"
 
 
 def build_report_from_folders(folders: Sequence[str | Path], tables: str | Path | None = None,
-                              plots: str | Path | None = None) -> Path:
+                              plots: str | Path | None = None, manifest: str | Path | None = None) -> Path:
     """``tables.md`` and the figures of the variants of ``folders`` together (see the module doc); returns
     the tables' path. ``tables`` defaults to ``FOLDER/tables.md`` with one folder and is required with
-    several; the figures go to ``plots/`` beside it unless ``plots`` says otherwise."""
+    several; the figures go to ``plots/`` beside it unless ``plots`` says otherwise. ``manifest``: a
+    manifest folder of the same data, for the images of the snapshots' figures."""
     if not folders:
         raise MergeError("name at least one folder")
     if len(folders) > 1 and tables is None:
         raise MergeError("several folders: give --tables (where the merged tables.md goes)")
     sources = [read_source(f) for f in folders]
+    store = load_store(manifest) if manifest is not None else None
     if not any(s.metrics for s in sources):
         raise DataError(f"{', '.join(str(f) for f in folders)}: no variant's metrics yet (a reproduce folder has them "
                         "once a variant has finished)")
@@ -268,7 +303,7 @@ def build_report_from_folders(folders: Sequence[str | Path], tables: str | Path 
     plots = Path(plots) if plots is not None else tables.parent / "plots"
     comp_path = next((s.files["components"] for s in sources if s.files.get("components") is not None), None)
     components = load_components(comp_path) if comp_path is not None else None
-    slices, figs, missing, fig_path = _figures(sources, results, absent)
+    slices, figs, missing, fig_path = _figures(sources, results, absent, store)
     summary_path, summary = _summary(sources)
     where = ReportSources(fig_path, comp_path or first / "components.csv", summary_path, summary, figure9=False)
     # the recipe check made the evaluation settings (threshold, bootstrap, noise side) the same in every folder
@@ -289,9 +324,12 @@ def main(argv: list[str] | None = None, prog: str = "lggseg report") -> int:
     ap.add_argument("--tables", type=Path,
                     help="markdown to write (default with one folder: FOLDER/tables.md; required with several)")
     ap.add_argument("--plots", type=Path, help="folder for the figures (default: plots/ beside the tables)")
+    ap.add_argument("--manifest", type=Path, metavar="DIR",
+                    help="a manifest folder of the same data (a workspace's data/manifest): the images and ground "
+                         "truth of the snapshots' Figures 7-8, which keep only the predictions")
     args = ap.parse_args(argv)
     try:
-        path = build_report_from_folders(args.folders, args.tables, args.plots)
+        path = build_report_from_folders(args.folders, args.tables, args.plots, args.manifest)
     except LggsegError as exc:
         print(f"report: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

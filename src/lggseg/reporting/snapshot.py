@@ -2,18 +2,23 @@
 
 A workspace (``make demo``, ``make laptop``, a DVC experiment) keeps its metrics in git-ignored
 folders; a number quoted in the README must live in a committed file instead. :func:`write_snapshot`
-copies from a workspace, for each variant, the metrics JSON, the per-slice and per-patient rows and
-the training record (``result.json``: per-epoch history, epochs done, why training stopped), plus the
-workspace's merged ``params.yaml`` and ``dvc.lock``, the wall time of the run when recorded, the
+copies from a workspace, for each variant, the metrics JSON, the per-slice and per-patient rows, the
+figure predictions (:mod:`lggseg.reporting.figure_predictions`: the model's half of the figure slices,
+without the data) and the training record (``result.json``: per-epoch history, epochs done, why training
+stopped), plus the workspace's merged ``params.yaml`` and ``dvc.lock``, the ground-truth component table of
+its manifest (sizes and boxes, the report's dataset section), the wall time of the run when recorded, the
 exact command, the project's git commit and the machine (:func:`lggseg.runtime.machine_record`); a
 metrics file that names only its workspace's commit gets the project's (:func:`stamp_project`).
-Nothing large is copied: no model weights, no data (and no figure slices or component table, so a report
-of snapshots has no Figures 7-8 and no component-size figure). :func:`read_snapshot` reads a snapshot
-back in the shape of :func:`lggseg.reporting.folder.read_folder`, so ``lggseg report`` takes snapshots and
-``lggseg reproduce`` folders alike (:mod:`lggseg.reporting.merge`).
+Nothing large is copied: no model weights, no data (no image or mask; ``lggseg report --manifest DIR``
+takes them from the user's own copy to draw Figures 7-8). :func:`read_snapshot` reads a snapshot back in
+the shape of :func:`lggseg.reporting.folder.read_folder`, so ``lggseg report`` takes snapshots and
+``lggseg reproduce`` folders alike (:mod:`lggseg.reporting.merge`). :func:`add_side_files` gives a snapshot
+taken before the figure predictions and the component table were kept those two, from the same
+workspace, once its rows prove it is the same evaluation.
 
 ``python -m lggseg.reporting.snapshot --workspace laptop --variant laptop --dest results/laptop-2026-11-30
---command "make laptop DATA=..."``
+--command "make laptop DATA=..."``; ``--add-side-files`` (with ``--workspace`` and ``--dest``) for an
+older snapshot.
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import pandas as pd
 from lggseg.config import ConfigError, read_params
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json, write_text
+from lggseg.reporting.figure_predictions import write_figure_predictions
 
 RECORD = "snapshot.json"
 """The snapshot's own record: command, variants, project and workspace commits, machine."""
 
 # Files over this size are refused: a snapshot is for git, not for data or weights.
 MAX_FILE_BYTES = 2_000_000
+
+FIGURE_SLICES = "figure_slices.npz"  # the evaluate stage's, in data/eval/<variant>/ (holds data: never copied)
+COMPONENTS = "data/manifest/components.csv"  # the manifest stage's ground-truth component table
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -63,6 +72,7 @@ def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | P
             _copy(ws / "data" / "eval" / v / name, dest / "rows" / v / name)
         for result in sorted((ws / "models" / v).glob("seed_*/result.json")):
             _copy(result, dest / "training" / v / result.parent.name / "result.json")
+    _side_files(ws, variants, dest)
     _copy(ws / "params.yaml", dest / "params.yaml")
     for optional in ("dvc.lock", "metrics/run_time.json", "metrics/demo_time.json", "metrics/fetch.json",
                      "metrics/data.json", "metrics/tables.md"):
@@ -80,6 +90,58 @@ def write_snapshot(workspace: str | Path, variants: Sequence[str], dest: str | P
     if note:
         write_text(dest / "NOTE.md", note if note.endswith("\n") else note + "\n")
     return dest
+
+
+def _side_files(ws: Path, variants: Sequence[str], dest: Path) -> list[str]:
+    """The figure predictions of the variants whose evaluation wrote figure slices, and the component
+    table when the workspace has one; returns the snapshot paths written."""
+    written = []
+    for v in variants:
+        if (ws / "data" / "eval" / v / FIGURE_SLICES).is_file():
+            paths = write_figure_predictions(ws / "data" / "eval" / v / FIGURE_SLICES, dest / "rows" / v)
+            written += [p.relative_to(dest).as_posix() for p in paths]
+    if (ws / COMPONENTS).is_file():
+        _copy(ws / COMPONENTS, dest / "components.csv")
+        written.append("components.csv")
+    return written
+
+
+def add_side_files(workspace: str | Path, dest: str | Path, repo: str | Path = ".") -> list[str]:
+    """Add to the snapshot ``dest`` what snapshots taken before this function existed lack: each variant's
+    figure predictions and the component table, from ``workspace``, the one the snapshot was taken from.
+    Refused (:class:`DataError`) unless every variant's ``slices.csv`` and ``patients.csv`` in the workspace
+    are byte for byte those of the snapshot (the same evaluation: otherwise the figures would show another
+    model than the numbers) and the workspace's manifest is of the data the metrics name. The snapshot's
+    record gains ``side_files`` (what was added, from which commits). Returns the paths written."""
+    from lggseg.runtime import git_commit
+
+    ws, dest = Path(workspace), Path(dest)
+    record = _read(dest / RECORD, "json") if (dest / RECORD).is_file() else None
+    if not isinstance(record, dict) or not record.get("variants"):
+        raise DataError(f"{dest / RECORD}: not found or names no variants; is {dest} a snapshot?")
+    variants = [str(v) for v in record["variants"]]
+    for v in variants:
+        for name in ("slices.csv", "patients.csv"):
+            mine, theirs = dest / "rows" / v / name, ws / "data" / "eval" / v / name
+            if not theirs.is_file() or not mine.is_file() or mine.read_bytes() != theirs.read_bytes():
+                raise DataError(f"{theirs}: not the evaluation the snapshot {dest} holds ({mine} differs or is "
+                                f"missing); figures from it would not be those of its numbers")
+    store_meta = ws / "data" / "manifest" / "store.json"
+    if store_meta.is_file():
+        sha = ((_read(store_meta, "json").get("fingerprint") or {}).get("sha256"))
+        for v in variants:
+            theirs = (((_read(dest / "metrics" / f"{v}.json", "json").get("provenance") or {}).get("data") or {})
+                      .get("fingerprint") or {}).get("sha256")
+            if sha and theirs and sha != theirs:
+                raise DataError(f"{store_meta}: data fingerprint {sha[:12]}, the snapshot's {v} was measured on "
+                                f"{theirs[:12]}")
+    written = _side_files(ws, variants, dest)
+    if not written:
+        raise DataError(f"{ws}: no figure slices (data/eval/<variant>/{FIGURE_SLICES}) and no {COMPONENTS} to add")
+    record["side_files"] = {"files": written, "project_commit": git_commit(Path(repo)),
+                            "workspace_commit": git_commit(ws)}
+    write_json(dest / RECORD, record)
+    return written
 
 
 def stamp_project(folder: str | Path) -> list[str]:
@@ -159,8 +221,8 @@ def read_snapshot(folder: str | Path) -> dict[str, Any]:
                 raise DataError(f"{path}: no history list (a training result.json)")
             seed = result.get("seed", path.parent.name.removeprefix("seed_"))
             training += [{"variant": v, "seed": int(seed), **row} for row in history]
-    side = {"components": folder / "components.csv", "figures": folder / "figure_slices.npz",
-            "data": folder / "data.json", "fetch": folder / "fetch.json"}
+    # figures: a snapshot keeps figure predictions per variant in rows/<variant>/ instead (figure_predictions)
+    side = {"components": folder / "components.csv", "data": folder / "data.json", "fetch": folder / "fetch.json"}
     return {
         "layout": "snapshot",
         "params": _read(folder / "params.yaml", "yaml") if (folder / "params.yaml").is_file() else None,
@@ -171,19 +233,30 @@ def read_snapshot(folder: str | Path) -> dict[str, Any]:
         "slices": _rows(slices),
         "patients": _rows(patients),
         "commit": (record or {}).get("project_commit"),
-        "files": {k: p if p.is_file() else None for k, p in side.items()},
+        "files": {"figures": None, **{k: p if p.is_file() else None for k, p in side.items()}},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lggseg.reporting.snapshot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workspace", required=True, type=Path)
-    ap.add_argument("--variant", action="append", required=True, help="repeat for several")
+    ap.add_argument("--variant", action="append", help="repeat for several")
     ap.add_argument("--dest", required=True, type=Path, help="results/<name>")
-    ap.add_argument("--command", required=True, help="the exact command that produced the workspace's results")
+    ap.add_argument("--command", help="the exact command that produced the workspace's results")
     ap.add_argument("--repo", type=Path, default=Path("."))
+    ap.add_argument("--add-side-files", action="store_true",
+                    help="only add the figure predictions and the component table to the existing snapshot DEST")
     args = ap.parse_args(argv)
     try:
+        if args.add_side_files:
+            if args.variant or args.command:
+                raise ConfigError("--add-side-files takes the variants and command of DEST's snapshot.json: "
+                                  "leave out --variant and --command")
+            added = add_side_files(args.workspace, args.dest, args.repo)
+            print(f"lggseg snapshot: {args.dest}: added {len(added)} file(s)")
+            return 0
+        if not args.variant or not args.command:
+            raise ConfigError("a new snapshot needs --variant (one or more) and --command")
         dest = write_snapshot(args.workspace, args.variant, args.dest, args.command, args.repo)
     except LggsegError as exc:
         print(f"lggseg snapshot: {exc}", file=sys.stderr)
