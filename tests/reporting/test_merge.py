@@ -376,3 +376,25 @@ def test_side_files_reach_an_older_snapshot_only_from_the_same_evaluation(store_
     assert snapshot_main(["--workspace", str(ws), "--dest", str(snap), "--add-side-files", "--variant", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lggseg snapshot: --add-side-files takes") and err.count("\n") == 1
+
+
+COMMITTED_ALL = REPO / "results" / "cpu-tables-2026-12-03"
+
+
+@pytest.mark.skipif(not (COMMITTED_ALL / "table4" / "snapshot.json").is_file(), reason="the committed tables are not here")
+def test_the_committed_tables_keep_figure_predictions_of_all_12_variants_and_no_data():
+    from lggseg.reporting.figure_predictions import has_figure_predictions, read_figure_predictions
+
+    seen, ids = [], set()
+    for folder in ("table3", "table2", "table2-isolated", "table4"):
+        record = json.loads((COMMITTED_ALL / folder / "snapshot.json").read_text())
+        assert record["side_files"]["files"][-1] == "components.csv"
+        for v in record["variants"]:
+            assert has_figure_predictions(COMMITTED_ALL / folder / "rows" / v), (folder, v)
+            pred = read_figure_predictions(COMMITTED_ALL / folder / "rows" / v)
+            assert pred.prob.shape == (5, 256, 256)
+            ids.add(tuple(pred.ids))
+            seen.append(v)
+    assert sorted(seen) == sorted(yaml.safe_load((REPO / "params.yaml").read_text())["variants"])  # all 12
+    assert len(ids) == 1  # every variant drew the same five test slices
+    assert not [p for p in COMMITTED_ALL.rglob("*") if p.suffix in {".npz", ".npy", ".tif"}]
