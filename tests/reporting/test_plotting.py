@@ -16,6 +16,7 @@ from lggseg.reporting.plotting import (
     plot_dice_by_variant,
     plot_encoder_grid,
     plot_loss_comparison,
+    plot_validation_curves,
 )
 
 
@@ -133,6 +134,13 @@ def test_component_sizes_and_dice_bars_are_written(tmp_path):
         DiceBar("b", 85.0, None, 80.0, None),  # no CI, no paper row
     ]
     _png_ok(plot_dice_by_variant(bars, tmp_path / "d.png"))
+
+
+def test_validation_curves_are_written_with_or_without_curves(tmp_path):
+    panels = {"Table 3": [("a seed 23", [0.5, 0.6, 0.605, 0.61]), ("b seed 23", [0.4, 0.7, 0.5])],
+              "Table 4": [("c seed 23", [0.2])]}
+    _png_ok(plot_validation_curves(panels, tmp_path / "v.png", last=3, tolerance=0.01))
+    _png_ok(plot_validation_curves({}, tmp_path / "empty.png", last=3, tolerance=0.01))
 
 
 def test_empty_inputs_are_errors(tmp_path):

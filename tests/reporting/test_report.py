@@ -16,7 +16,7 @@ from PIL import Image
 from lggseg.config import read_params, resolve_variant
 from lggseg.errors import DataError
 from lggseg.reporting.paper import PAPER_TABLES
-from lggseg.reporting.report import build_report, data_source
+from lggseg.reporting.report import build_report, data_source, validation_curve_panels
 from lggseg.reporting.results import Result, component_counts, load_components, load_metrics
 from lggseg.reporting.tables import paper_matches, paper_table_markdown, provenance_lines
 
@@ -231,7 +231,8 @@ def test_build_report_writes_tables_figures_and_beyond(tmp_path):
     comps = section(tables, "Dataset: ground-truth")
     assert comps[0] == {"Connectivity": "4-connected", "Components": "4", "area < 49 px": "2", "bounding box <= 7 x 7": "2",
                         "bounding box < 7 x 7": "1", "slices with a component < 49 px": "1"}
-    for name in ("figure7_loss_comparison", "figure8_encoders", "component_sizes", "test_dice_by_variant"):
+    for name in ("figure7_loss_comparison", "figure8_encoders", "component_sizes", "test_dice_by_variant",
+                 "validation_curves"):
         png = dirs["plots"] / f"{name}.png"
         assert 5_000 < png.stat().st_size < 1_000_000, name  # drawn, and small enough for git (cache: false)
         with Image.open(png) as img:
@@ -535,3 +536,27 @@ def test_malformed_side_json_fails_before_anything_is_written(tmp_path, name):
     with pytest.raises(DataError, match=rf"{name}: not valid JSON"):
         run_report(dirs, PARAMS)
     assert not any(dirs["plots"].iterdir())
+
+
+def test_validation_curves_are_grouped_by_paper_table():
+    """A variant of two tables is drawn in both; a variant of no paper table goes to the last panel; a seed
+    without a curve is left out and a variant without any adds no panel."""
+    def metrics(curves):
+        m = metrics_file()
+        m["provenance"] = {"training": {s: ({} if c is None else {"val_dice_by_epoch": c}) for s, c in curves.items()}}
+        return m
+
+    results = results_for(PARAMS, {
+        "regnet_bce": metrics({"23": [0.5, 0.6, 0.61]}),  # tables 4 and 3
+        "regnet_attr_bce_dice": metrics({"23": [0.4, 0.5], "24": None}),  # tables 2 and beyond
+        "regnet_attr_bce_dice_isolated": metrics({"23": [0.3, 0.35]}),  # beyond only
+        "unet_bce": metrics_file(),  # no training record
+    })
+    panels = {title.split(":")[0]: runs for title, runs in validation_curve_panels(results).items()}
+    assert panels == {
+        "Table 2": [("regnet_attr_bce_dice seed 23", [0.4, 0.5])],
+        "Table 3": [("regnet_bce seed 23", [0.5, 0.6, 0.61])],
+        "Table 4": [("regnet_bce seed 23", [0.5, 0.6, 0.61])],
+        "Beyond the paper": [("regnet_attr_bce_dice seed 23", [0.4, 0.5]),
+                             ("regnet_attr_bce_dice_isolated seed 23", [0.3, 0.35])],
+    }

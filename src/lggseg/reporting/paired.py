@@ -263,17 +263,27 @@ def curve_range(curve: Sequence[float]) -> float | None:
     return max(tail) - min(tail)
 
 
+def run_curves(r: Result) -> list[tuple[str, list[float] | None]]:
+    """``[(seed, validation Dice per epoch or None when not recorded), ...]`` of ``r``'s training runs, from
+    ``provenance.training.<seed>.val_dice_by_epoch`` (empty: no training record)."""
+    training = ((r.metrics.get("provenance") or {}).get("training") or {})
+    out = []
+    for seed, t in training.items():
+        curve = t.get("val_dice_by_epoch") if isinstance(t, Mapping) else None
+        out.append((str(seed), [float(x) for x in curve] if isinstance(curve, list) else None))
+    return out
+
+
 def levelling_line(results: Sequence[Result]) -> str:
     """Which runs (variant, seed) meet the levelling-off criterion, from ``provenance.training.*.val_dice_by_epoch``."""
     ok, short, not_ok, unknown = [], [], [], []
     for r in results:
-        training = ((r.metrics.get("provenance") or {}).get("training") or {})
-        if not training:
+        runs = run_curves(r)
+        if not runs:
             unknown.append(f"`{r.name}`")
-        for seed, t in training.items():
-            curve = t.get("val_dice_by_epoch") if isinstance(t, Mapping) else None
+        for seed, curve in runs:
             run = f"`{r.name}` seed {seed}"
-            if not isinstance(curve, list):
+            if curve is None:
                 unknown.append(run)
             elif (width := curve_range(curve)) is None:
                 short.append(run)

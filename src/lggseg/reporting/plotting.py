@@ -320,3 +320,47 @@ def plot_dice_by_variant(bars: Sequence[DiceBar], dest: str | Path, note: str = 
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False)
     ax.set_title("Test Dice by training variant" + (f" - {note}" if note else ""), pad=28)
     return save_figure(fig, dest)
+
+
+def plot_validation_curves(
+    panels: dict[str, Sequence[tuple[str, Sequence[float]]]],
+    dest: str | Path,
+    last: int,
+    tolerance: float,
+    note: str = "",
+) -> Path:
+    """Validation Dice per epoch, one panel per paper table, one line per run (variant and seed).
+
+    ``panels`` maps a panel title to ``[(run label, Dice per epoch in [0, 1]), ...]``. A run whose last
+    ``last`` epochs lie within ``tolerance`` (the levelling-off criterion of
+    :mod:`lggseg.reporting.paired`) is drawn solid, any other dashed, so an undertrained table shows at a
+    glance. An empty ``panels`` draws one panel that says no curve was recorded.
+    """
+    titles = list(panels) or ["no validation curve recorded"]
+    # constrained layout: the legends under the panels and the two-line titles would overlap otherwise
+    cols = min(2, len(titles))
+    rows = -(-len(titles) // cols)
+    fig = Figure(figsize=(6.6 * cols, 6.0 * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in grid[len(titles):]:
+        ax.set_visible(False)
+    for ax, title in zip(grid, titles, strict=False):
+        runs = panels.get(title, [])
+        for label, curve in runs:
+            y = 100 * np.asarray(curve, dtype=float)
+            tail = y[-last:]
+            flat = len(y) >= last and (tail.max() - tail.min()) <= 100 * tolerance + 1e-7
+            ax.plot(np.arange(1, len(y) + 1), y, marker="o", ms=3, lw=1.6, ls="-" if flat else "--",
+                    label=f"{label} ({'levelled' if flat else 'not levelled'})")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation Dice (%)")
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "no validation curve recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"Validation Dice per epoch (solid: the last {last} epochs within {100 * tolerance:g} Dice point(s))"
+                 + (f"\n{note}" if note else ""), fontsize=11)
+    return save_figure(fig, dest)

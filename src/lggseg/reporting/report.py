@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ from lggseg.config import load_section
 from lggseg.errors import DataError
 from lggseg.io import write_text
 from lggseg.reporting import plotting
-from lggseg.reporting.paired import load_patients, paired_markdown
+from lggseg.reporting.paired import LEVEL_EPOCHS, LEVEL_TOLERANCE, load_patients, paired_markdown, run_curves
+from lggseg.reporting.paper import TABLE_TITLES
 from lggseg.reporting.results import (
     FigureSlices,
     Result,
@@ -71,6 +73,7 @@ FIGURE_FILES = {
     "figure8": "figure8_encoders.png",
     "components": "component_sizes.png",
     "dice": "test_dice_by_variant.png",
+    "curves": "validation_curves.png",
     "figure9": "figure9_outlier_loss.png",
 }
 
@@ -260,6 +263,19 @@ def figure8_variants(results: Sequence[Result], absent: Sequence[Result] = ()) -
     return _needs(ordered, results)
 
 
+def validation_curve_panels(results: Sequence[Result]) -> dict[str, list[tuple[str, list[float]]]]:
+    """Validation curves by paper table (a variant of several tables in each), then the other variants."""
+    titles = {**{k: t.replace(" - ", ": ", 1) for k, t in TABLE_TITLES.items()}, "beyond": "Beyond the paper: our variants"}
+    panels: dict[str, list[tuple[str, list[float]]]] = {}
+    for key, title in titles.items():
+        members = [r for r in results if key in r.run.tables or
+                   (key == "beyond" and not set(r.run.tables) & set(TABLE_TITLES))]
+        runs = [(f"{r.name} seed {seed}", curve) for r in members for seed, curve in run_curves(r) if curve]
+        if runs:
+            panels["\n".join(textwrap.wrap(title, 52))] = runs
+    return panels
+
+
 def _dice_bars(results: Sequence[Result]) -> list[plotting.DiceBar]:
     bars = []
     for r in results:
@@ -391,6 +407,8 @@ def write_report(
             note=note,
         )
     plotting.plot_dice_by_variant(_dice_bars(results), paths["dice"], note=note)
+    panels = validation_curve_panels(results)
+    plotting.plot_validation_curves(panels, paths["curves"], LEVEL_EPOCHS, LEVEL_TOLERANCE, note=note)
 
     md_dir = out_md.parent
     links = {k: _relative(p, md_dir) for k, p in paths.items()}
@@ -407,6 +425,8 @@ def write_report(
                                  absent=absent)
     lines += [f"![Test Dice by variant]({links['dice']})", ""]
     lines += ["## Figures", ""]
+    lines.append(f"- Validation Dice per epoch of every run, by table: ![validation curves]({links['curves']})"
+                 if panels else f"- Validation curves: none recorded in the metrics (drawn empty: {links['curves']})")
     lines.append(f"- Figure 7 (loss comparison, `{fig7[0].name}` vs `{fig7[1].name}`): ![figure 7]({links['figure7']})"
                  if fig7 is not None else f"- Figure 7: not drawn ({missing.get('figure7', 'not asked for')})")
     lines.append(f"- Figure 8 (encoders of Table 4): ![figure 8]({links['figure8']})"
