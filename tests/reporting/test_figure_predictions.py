@@ -125,9 +125,12 @@ def test_images_and_truth_come_back_from_a_store_of_the_same_data(store_dir, tmp
     with pytest.raises(DataError, match=r"probability maps of \(64, 64\) px"):
         figure_slices_from_store(read_figure_predictions(tmp_path / "small"), store, tmp_path / "small")
 
-    sha = store_fingerprint(store)
+    sha = store_fingerprint(store.meta)
     assert sha
-    check_same_data(store, sha, "here")
-    check_same_data(store, None, "here")  # not recorded: the ids alone decide
+    def metrics(sha):
+        return {"provenance": {"data": {"fingerprint": {"sha256": sha}}}}
+
+    check_same_data(store.meta, store.root, metrics(sha), "here")
+    check_same_data(store.meta, store.root, {}, "here")  # not recorded: the ids alone decide
     with pytest.raises(DataError, match="is of other data"):
-        check_same_data(store, "0" * 64, "results/x/metrics/v.json")
+        check_same_data(store.meta, store.root, metrics("0" * 64), "results/x/metrics/v.json")

@@ -14,7 +14,7 @@ model's probability map. The image and the ground truth are the dataset's and ar
 * ``figure_slices.json``: the slice ids, their store rows, the threshold, the seed whose model drew them
   and how the slices were chosen.
 
-Together about 35 KB per variant at 256 px. :func:`figure_slices_from_store` puts the images and the
+Together 10-32 KB per variant at 256 px (the CPU-scale tables' 12 variants). :func:`figure_slices_from_store` puts the images and the
 ground truth back from a manifest folder built from the same data (its fingerprint must equal the one in
 the metrics' provenance), which is what ``lggseg report SNAPSHOT ... --manifest DIR`` does
 (:mod:`lggseg.reporting.merge`).
@@ -35,14 +35,14 @@ from PIL import Image
 from lggseg.data.store import Store
 from lggseg.errors import DataError
 from lggseg.io import write_bytes, write_json
-from lggseg.reporting.results import FigureSlices, check_figure_slices
+from lggseg.reporting.results import FigureSlices, check_figure_slices, data_sha
 
 PROBABILITY = "figure_probability.png"
 MASK = "figure_mask.png"
 RECORD = "figure_slices.json"
 FILES = (PROBABILITY, MASK, RECORD)
 
-_SCALARS = ("threshold", "prob_seed", "min_area", "selection")
+_SCALARS = ("prob_seed", "min_area", "selection")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class FigurePredictions:
     rows: list[int]
     prob: np.ndarray  # float32 (K, H, W) in [0, 1]; ``prob > threshold`` is the evaluation's decision
     threshold: float
-    record: dict[str, Any]
 
 
 def _png(array: np.ndarray, mode: str) -> bytes:
@@ -90,12 +89,12 @@ def write_figure_predictions(figure_npz: str | Path, dest_dir: str | Path) -> li
         "rows": [int(r) for r in arrays["rows"]],
         "height": h,
         "width": w,
+        "threshold": threshold,
         **{key: arrays[key].item() for key in _SCALARS if key in arrays},
         "files": {PROBABILITY: "round(255 * probability), slices stacked top to bottom",
                   MASK: "probability > threshold, as the evaluation decided it",
                   "from": figure_npz.name},
     }
-    record["threshold"] = threshold
     stacked = prob.reshape(k * h, w)
     paths = [dest_dir / PROBABILITY, dest_dir / MASK, dest_dir / RECORD]
     write_bytes(paths[0], _png(np.round(stacked * 255).astype(np.uint8), "L"))
@@ -142,11 +141,12 @@ def read_figure_predictions(folder: str | Path) -> FigurePredictions:
     t = np.float32(threshold)
     prob[above & (prob <= t)] = np.nextafter(t, np.float32(1))
     prob[~above & (prob > t)] = t
-    return FigurePredictions(ids, rows, prob, threshold, record)
+    return FigurePredictions(ids, rows, prob, threshold)
 
 
-def store_fingerprint(store: Store) -> str | None:
-    fp = store.meta.get("fingerprint")
+def store_fingerprint(meta: Mapping[str, Any]) -> str | None:
+    """The data sha256 of a manifest's ``store.json`` content (``Store.meta``), if recorded."""
+    fp = meta.get("fingerprint")
     return fp.get("sha256") if isinstance(fp, Mapping) else None
 
 
@@ -167,11 +167,12 @@ def figure_slices_from_store(pred: FigurePredictions, store: Store, where: str |
     return check_figure_slices(np.array(pred.ids), image, truth, pred.prob, where)
 
 
-def check_same_data(store: Store, sha: str | None, where: str | Path) -> None:
-    """Refuse a manifest whose data fingerprint differs from ``sha``, the one ``where``'s metrics record
-    (either unrecorded: the slice ids alone must match)."""
-    mine = store_fingerprint(store)
+def check_same_data(meta: Mapping[str, Any], manifest: str | Path, metrics: Mapping[str, Any],
+                    where: str | Path) -> None:
+    """Refuse the manifest folder ``manifest`` (``meta``: its ``store.json``) when its data fingerprint differs
+    from the one ``metrics`` (read from ``where``) record (either unrecorded: the slice ids alone must match)."""
+    mine, sha = store_fingerprint(meta), data_sha(metrics)
     if sha and mine and sha != mine:
-        raise DataError(f"the manifest {store.root} is of other data (fingerprint {mine[:12]}) than {where} "
+        raise DataError(f"the manifest {manifest} is of other data (fingerprint {mine[:12]}) than {where} "
                         f"({sha[:12]}): give the manifest folder built from the data the results were measured on")
 

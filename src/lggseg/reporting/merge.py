@@ -55,7 +55,7 @@ from lggseg.reporting.report import (
     figure8_variants,
     write_report,
 )
-from lggseg.reporting.results import Result, check_metrics, load_components
+from lggseg.reporting.results import Result, check_metrics, data_sha, load_components
 from lggseg.reporting.tables import md_table
 
 
@@ -85,11 +85,6 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
-def _data_sha(metrics: Mapping[str, Any]) -> str | None:
-    fingerprint = (((metrics.get("provenance") or {}).get("data") or {}).get("fingerprint") or {})
-    return fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
-
-
 def recipe(params: Mapping[str, Any], variant: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The settings ``variant`` trained and was evaluated with, except those it sets itself
     (``variants.<variant>``), the loss settings no term of its loss reads and :data:`EXECUTION_KEYS`; plus
@@ -98,7 +93,7 @@ def recipe(params: Mapping[str, Any], variant: str, metrics: Mapping[str, Any]) 
     flat = _flatten(run.to_dict())
     for section in RECIPE_SECTIONS:
         flat.update(_flatten({section: dataclasses.asdict(load_section(section, params))}))
-    sha = _data_sha(metrics)
+    sha = data_sha(metrics)
     if sha:  # not recorded (metrics older than provenance) is unknown, not different; tables.md flags it
         flat["data.fingerprint"] = sha
     own = set(_flatten((params.get("variants") or {}).get(variant) or {}))
@@ -257,7 +252,7 @@ def _figures(sources: Sequence[Source], results: Sequence[Result], absent: Seque
                 if store is None:
                     need_manifest.add(v)
                     continue
-                check_same_data(store, _data_sha(src.metrics[v]), src.folder / "metrics" / f"{v}.json")
+                check_same_data(store.meta, store.root, src.metrics[v], src.folder / "metrics" / f"{v}.json")
                 slices[v] = figure_slices_from_store(read_figure_predictions(folder), store, folder)
                 where = where or folder
         elif src.files.get("figures") is not None:

@@ -70,6 +70,12 @@ def _check_block(block: Any, path: Path, where: str, require_ci: bool) -> None:
             raise DataError(f"{path}: {prefix}{key} = {ci!r} is not an interval inside [0, 1]")
 
 
+def data_sha(metrics: Mapping[str, Any]) -> str | None:
+    """The sha256 of the raw data a metrics file was measured on (``provenance.data.fingerprint``), if recorded."""
+    fingerprint = (((metrics.get("provenance") or {}).get("data") or {}).get("fingerprint") or {})
+    return fingerprint.get("sha256") if isinstance(fingerprint, Mapping) else None
+
+
 def load_metrics(path: str | Path) -> dict[str, Any]:
     """Read and validate one ``metrics/<variant>.json`` (layout in docs/ARCHITECTURE.md)."""
     path = Path(path)

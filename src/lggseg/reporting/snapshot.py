@@ -36,7 +36,7 @@ import pandas as pd
 from lggseg.config import ConfigError, read_params
 from lggseg.errors import DataError, LggsegError
 from lggseg.io import write_json, write_text
-from lggseg.reporting.figure_predictions import write_figure_predictions
+from lggseg.reporting.figure_predictions import check_same_data, write_figure_predictions
 
 RECORD = "snapshot.json"
 """The snapshot's own record: command, variants, project and workspace commits, machine."""
@@ -126,15 +126,12 @@ def add_side_files(workspace: str | Path, dest: str | Path, repo: str | Path = "
             if not theirs.is_file() or not mine.is_file() or mine.read_bytes() != theirs.read_bytes():
                 raise DataError(f"{theirs}: not the evaluation the snapshot {dest} holds ({mine} differs or is "
                                 f"missing); figures from it would not be those of its numbers")
-    store_meta = ws / "data" / "manifest" / "store.json"
-    if store_meta.is_file():
-        sha = ((_read(store_meta, "json").get("fingerprint") or {}).get("sha256"))
+    manifest = ws / "data" / "manifest"
+    if (manifest / "store.json").is_file():
+        meta = _read(manifest / "store.json", "json")
         for v in variants:
-            theirs = (((_read(dest / "metrics" / f"{v}.json", "json").get("provenance") or {}).get("data") or {})
-                      .get("fingerprint") or {}).get("sha256")
-            if sha and theirs and sha != theirs:
-                raise DataError(f"{store_meta}: data fingerprint {sha[:12]}, the snapshot's {v} was measured on "
-                                f"{theirs[:12]}")
+            path = dest / "metrics" / f"{v}.json"
+            check_same_data(meta, manifest, _read(path, "json"), path)
     written = _side_files(ws, variants, dest)
     if not written:
         raise DataError(f"{ws}: no figure slices (data/eval/<variant>/{FIGURE_SLICES}) and no {COMPONENTS} to add")
